@@ -1,0 +1,15 @@
+"""Ops of GroupMamba: the grouped four-direction selective scan and the channel modulation."""
+from .naive import grouped_scan_naive
+from .reference import GROUPS, grouped_scan_reference, scan_order
+from .scan import check_scan_inputs, grouped_scan, register_native_ops
+
+register_native_ops()
+
+__all__ = [
+    "GROUPS",
+    "check_scan_inputs",
+    "grouped_scan",
+    "grouped_scan_naive",
+    "grouped_scan_reference",
+    "scan_order",
+]
