@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+# INSTALL_FLAGS=-e gives an editable install for development (Python edits apply at once).
+INSTALL_FLAGS ?=
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 # Compile with both cores; more jobs only thrash a small machine.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
@@ -22,7 +24,7 @@ $(VENV)/.deps: requirements-dev.txt
 setup: $(VENV)/.deps build
 
 build: $(VENV)/.deps
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PIP) install --no-build-isolation --no-deps -v . > $(VENV)/build.log 2>&1 \
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PIP) install --no-build-isolation --no-deps -v $(INSTALL_FLAGS) . > $(VENV)/build.log 2>&1 \
 	  || (tail -60 $(VENV)/build.log; exit 1)
 	@grep -E "groupmamba: (building|CUDA)" $(VENV)/build.log || true
 

@@ -1,0 +1,38 @@
+"""Shared test helpers. GPU tests carry @pytest.mark.gpu and are skipped when CUDA is absent."""
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run on the GPU machine: benchmarks/device_check.sh)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64; NaN/Inf anywhere gives inf (never passes)."""
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def random_scan_inputs(B, H, W, d, N=1, R=None, dtype=torch.float64, param_dtype=None, device="cpu", seed=None):
+    """Fresh random operands for grouped_scan with realistic magnitudes (delta ~ 0.01..1)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(torch.seed() if seed is None else seed)
+    R = R if R is not None else max(1, -(-d // 16))
+    param_dtype = param_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    u = r(B, H, W, 4 * d)
+    x_proj_weight = r(4, R + 2 * N, d) / d ** 0.5
+    dt_proj_weight = r(4, d, R) / R ** 0.5
+    dt_bias = torch.log(torch.expm1(torch.empty(4, d, dtype=torch.float64).uniform_(0.01, 0.5, generator=g)))
+    A_log = torch.log(torch.empty(4, d, N, dtype=torch.float64).uniform_(0.5, N + 1.0, generator=g))
+    D = r(4, d)
+    params = [p.to(param_dtype).to(device) for p in (x_proj_weight, dt_proj_weight, dt_bias, A_log, D)]
+    return [u.to(dtype).to(device)] + params
