@@ -1,4 +1,5 @@
 """Ops of GroupMamba: the grouped four-direction selective scan and the channel modulation."""
+from .modulation import layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
 from .reference import GROUPS, grouped_scan_reference, scan_order
 from .scan import check_scan_inputs, grouped_scan, register_native_ops
@@ -11,5 +12,7 @@ __all__ = [
     "grouped_scan",
     "grouped_scan_naive",
     "grouped_scan_reference",
+    "layernorm_pool",
+    "modulate_layernorm",
     "scan_order",
 ]
