@@ -1,0 +1,360 @@
+"""Fused Triton kernels for the GroupMamba channel modulation (see modulation.py for the semantics).
+
+Layout: x, y_all, xn are (B, L, C) made contiguous, viewed as B*L rows of C. Every kernel runs one
+program per (b, tile of BLOCK_L rows of batch b) and holds the whole row (BLOCK_C >= C) in registers,
+so each tensor is read once and written once:
+
+    _ln_pool_fwd   x -> xn, mean, rstd (fp32 per row), per-tile column sums of xn  -> pooled
+    _ln_pool_bwd   x, dxn, dpooled -> dx, per-tile partials of dweight / dbias
+    _mod_ln_fwd    y, xn, s, skip -> out, mean, rstd of z = y*skip*xn*s
+    _mod_ln_bwd    dout, y, xn, s, skip -> dy, dxn, per-tile partials of ds (and dskip), dweight, dbias
+
+z and the normalized values are recomputed in the backward from the saved mean/rstd. Per-tile partial
+sums (fp32, one row of C per program) are reduced by a tiny torch sum: deterministic, no atomics.
+All arithmetic is fp32 whatever the input dtype; outputs take the activation dtype.
+
+Under torch.compile the ops are `torch.library.triton_op`s with `register_autograd` (traceable); in
+eager mode plain autograd.Functions launch the same kernels with less host overhead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+NAMESPACE = "groupmamba_triton"
+
+# Elements (BLOCK_L * BLOCK_C) per program; None: AUTO_ELEMS. The benchmark sweeps these.
+# eager_library_ops: use the torch.library ops outside torch.compile too (slower host path; for tests).
+CONFIG = {"fwd_elems": None, "bwd_elems": None, "eager_library_ops": False}
+
+
+def AUTO_ELEMS(block_c: int) -> int:
+    """Tile size by row width, from the sweep on an H200 (BENCHMARKS.md, bf16 B=128 fwd+bwd): 8192
+    beat 4096 and 2048 by 11-18% at C = 64, 128; 2048 beat 4096 by 23-33% at C = 348, 448."""
+    return 8192 if block_c <= 128 else 2048
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _vec(C: int) -> int:
+    """Largest power of two (<= 16) dividing C: lets loads and stores use wide vectors (C = 348 = 4*87)."""
+    return min(16, C & -C)
+
+
+def _tiles(L: int, C: int, elems: int | None):
+    block_c = max(16, _next_pow2(C))
+    elems = elems or AUTO_ELEMS(block_c)
+    block_l = max(1, min(_next_pow2(L), elems // block_c))
+    n_tiles = triton.cdiv(L, block_l)
+    num_warps = 4 if block_l * block_c <= 2048 else 8
+    return block_l, block_c, n_tiles, num_warps
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["L", "CV", "T"])
+def _ln_pool_fwd(X, W, Bias, XN, MEAN, RSTD, PART, L, CV, T, eps,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rl < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    row = b.to(tl.int64) * L + rl
+    offs = row[:, None] * C + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    bb = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
+    xn = xc * rstd[:, None] * w[None, :] + bb[None, :]
+    xn = tl.where(mask, xn, 0.0)
+    tl.store(XN + offs, xn.to(XN.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=rmask)
+    tl.store(RSTD + row, rstd, mask=rmask)
+    tl.store(PART + pid.to(tl.int64) * C + cols, tl.sum(xn, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["L", "CV", "T"])
+def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GP, DX, DWP, DBP, L, CV, T, inv_L,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rl < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    row = b.to(tl.int64) * L + rl
+    offs = row[:, None] * C + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + row, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    gp = tl.load(GP + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * inv_L
+    g = tl.load(GXN + offs, mask=mask, other=0.0).to(tl.float32) + gp[None, :]
+    g = tl.where(mask, g, 0.0)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dxhat = g * w[None, :]
+    c1 = tl.sum(dxhat * xhat, axis=1) / C
+    c2 = tl.sum(dxhat, axis=1) / C
+    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    poffs = pid.to(tl.int64) * C + cols
+    tl.store(DWP + poffs, tl.sum(g * xhat, axis=0), mask=cmask)
+    tl.store(DBP + poffs, tl.sum(g, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["L", "CV", "T"])
+def _mod_ln_fwd(Y, XN, S, SKIP, W, Bias, OUT, MEAN, RSTD, L, CV, T, eps,
+                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rl < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    row = b.to(tl.int64) * L + rl
+    offs = row[:, None] * C + cols[None, :]
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
+    skip = tl.load(SKIP).to(tl.float32)
+    a = tl.load(S + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * skip
+    z = y * xn * a[None, :]
+    mean = tl.sum(z, axis=1) / C
+    zc = tl.where(mask, z - mean[:, None], 0.0)
+    var = tl.sum(zc * zc, axis=1) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    bb = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
+    out = zc * rstd[:, None] * w[None, :] + bb[None, :]
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+    tl.store(MEAN + row, mean, mask=rmask)
+    tl.store(RSTD + row, rstd, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["L", "CV", "T"])
+def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, T,
+                BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
+    pid = tl.program_id(0)
+    b = pid // T
+    t = pid % T
+    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
+    cols = tl.arange(0, BLOCK_C)
+    rmask = rl < L
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    row = b.to(tl.int64) * L + rl
+    offs = row[:, None] * C + cols[None, :]
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+    skip = tl.load(SKIP).to(tl.float32)
+    a = tl.load(S + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * skip
+    mean = tl.load(MEAN + row, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
+    yx = y * xn
+    zhat = tl.where(mask, (yx * a[None, :] - mean[:, None]) * rstd[:, None], 0.0)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dzhat = g * w[None, :]
+    c1 = tl.sum(dzhat * zhat, axis=1) / C
+    c2 = tl.sum(dzhat, axis=1) / C
+    dz = tl.where(mask, (dzhat - zhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+    dza = dz * a[None, :]
+    tl.store(DY + offs, (dza * xn).to(DY.dtype.element_ty), mask=mask)
+    tl.store(DXN + offs, (dza * y).to(DXN.dtype.element_ty), mask=mask)
+    poffs = pid.to(tl.int64) * C + cols
+    tl.store(QP + poffs, tl.sum(dz * yx, axis=0), mask=cmask)
+    tl.store(DWP + poffs, tl.sum(g * zhat, axis=0), mask=cmask)
+    tl.store(DBP + poffs, tl.sum(g, axis=0), mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launch + reduce (inputs already validated and contiguous; see modulation.py). `wrap` is
+# torch.library.wrap_triton inside the triton_ops (traceable) and the identity in the eager path.
+# ----------------------------------------------------------------------------------------------
+def _identity(kernel):
+    return kernel
+
+
+def _ln_pool_fwd_impl(x, weight, bias, eps, wrap):
+    B, L, C = x.shape
+    bl, bc, T, nw = _tiles(L, C, CONFIG["fwd_elems"])
+    xn = torch.empty_like(x)
+    stats = torch.empty((2, B, L), device=x.device, dtype=torch.float32)   # mean, rstd
+    part = torch.empty((B, T, C), device=x.device, dtype=torch.float32)
+    wrap(_ln_pool_fwd)[(B * T,)](
+        x, weight, bias, xn, stats[0], stats[1], part, L, C // _vec(C), T, eps,
+        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+    pooled = part.sum(dim=1).mul_(1.0 / L).to(x.dtype)
+    return xn, pooled, stats
+
+
+def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap):
+    B, L, C = x.shape
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"])
+    dx = torch.empty_like(x)
+    wpart = torch.empty((2, B * T, C), device=x.device, dtype=torch.float32)   # dweight, dbias partials
+    wrap(_ln_pool_bwd)[(B * T,)](
+        x, weight, stats[0], stats[1], grad_xn, grad_pooled, dx, wpart[0], wpart[1], L, C // _vec(C), T, 1.0 / L,
+        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+    return dx, wpart.sum(dim=1).to(weight.dtype)          # (2, C): dweight, dbias
+
+
+def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, wrap):
+    B, L, C = y_all.shape
+    bl, bc, T, nw = _tiles(L, C, CONFIG["fwd_elems"])
+    out = torch.empty((B, L, C), device=y_all.device, dtype=torch.promote_types(y_all.dtype, xn.dtype))
+    stats = torch.empty((2, B, L), device=y_all.device, dtype=torch.float32)
+    wrap(_mod_ln_fwd)[(B * T,)](
+        y_all, xn, s, skip_scale, weight, bias, out, stats[0], stats[1], L, C // _vec(C), T, eps,
+        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+    return out, stats
+
+
+def _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, wrap):
+    B, L, C = y_all.shape
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"])
+    dy = torch.empty_like(y_all)
+    dxn = torch.empty_like(xn)
+    qp = torch.empty((B, T, C), device=y_all.device, dtype=torch.float32)
+    wpart = torch.empty((2, B * T, C), device=y_all.device, dtype=torch.float32)
+    wrap(_mod_ln_bwd)[(B * T,)](
+        grad_out, y_all, xn, s, skip_scale, weight, stats[0], stats[1], dy, dxn, qp, wpart[0], wpart[1],
+        L, C // _vec(C), T, BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+    q = qp.sum(dim=1)                                   # (B, C): sum_L dz * y * xn
+    # d skip = sum_bc s * q (tiny: LayerNorm is scale-invariant, only eps makes it nonzero); d s = skip * q
+    dskip = torch.vdot(q.view(-1), s.reshape(-1).float()).reshape(skip_scale.shape).to(skip_scale.dtype)
+    ds = q.mul_(skip_scale.float()).to(s.dtype)
+    return dy, dxn, ds, dskip, wpart.sum(dim=1).to(weight.dtype)   # last: (2, C) dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (used under torch.compile; also usable eagerly)
+# ----------------------------------------------------------------------------------------------
+@triton_op(f"{NAMESPACE}::ln_pool_fwd", mutates_args={})
+def ln_pool_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ln_pool_fwd_impl(x, weight, bias, eps, wrap_triton)
+
+
+@triton_op(f"{NAMESPACE}::ln_pool_bwd", mutates_args={})
+def ln_pool_bwd(grad_xn: torch.Tensor, grad_pooled: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap_triton)
+
+
+@triton_op(f"{NAMESPACE}::mod_ln_fwd", mutates_args={})
+def mod_ln_fwd(y_all: torch.Tensor, xn: torch.Tensor, s: torch.Tensor, skip_scale: torch.Tensor,
+               weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, wrap_triton)
+
+
+@triton_op(f"{NAMESPACE}::mod_ln_bwd", mutates_args={})
+def mod_ln_bwd(grad_out: torch.Tensor, y_all: torch.Tensor, xn: torch.Tensor, s: torch.Tensor,
+               skip_scale: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, wrap_triton)
+
+
+def _ln_pool_grads(x, grad_xn, grad_pooled):
+    B, L, C = x.shape
+    grad_xn = torch.zeros_like(x) if grad_xn is None else grad_xn.contiguous()
+    grad_pooled = x.new_zeros((B, C)) if grad_pooled is None else grad_pooled.contiguous()
+    return grad_xn, grad_pooled
+
+
+def _ln_pool_setup(ctx, inputs, output):
+    x, weight, _bias, _eps = inputs
+    ctx.save_for_backward(x, weight, output[2])
+
+
+def _ln_pool_backward(ctx, grad_xn, grad_pooled, _gstats):
+    x, weight, stats = ctx.saved_tensors
+    grad_xn, grad_pooled = _ln_pool_grads(x, grad_xn, grad_pooled)
+    dx, dwb = ln_pool_bwd(grad_xn, grad_pooled, x, weight, stats)
+    return dx, dwb[0], dwb[1], None
+
+
+def _mod_ln_setup(ctx, inputs, output):
+    y_all, xn, s, skip_scale, weight, _bias, _eps = inputs
+    ctx.save_for_backward(y_all, xn, s, skip_scale, weight, output[1])
+
+
+def _mod_ln_backward(ctx, grad_out, _gstats):
+    y_all, xn, s, skip_scale, weight, stats = ctx.saved_tensors
+    grad_out = torch.zeros_like(y_all) if grad_out is None else grad_out.contiguous()
+    dy, dxn, ds, dskip, dwb = mod_ln_bwd(grad_out, y_all, xn, s, skip_scale, weight, stats)
+    return dy, dxn, ds, dskip, dwb[0], dwb[1], None
+
+
+ln_pool_fwd.register_autograd(_ln_pool_backward, setup_context=_ln_pool_setup)
+mod_ln_fwd.register_autograd(_mod_ln_backward, setup_context=_mod_ln_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# eager path: plain autograd.Functions launching the kernels directly (the torch.library dispatch and
+# wrap_triton cost ~100s of us per call on the host, more than these kernels take on the device)
+# ----------------------------------------------------------------------------------------------
+class _LayerNormPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        xn, pooled, stats = _ln_pool_fwd_impl(x, weight, bias, eps, _identity)
+        ctx.save_for_backward(x, weight, stats)
+        return xn, pooled
+
+    @staticmethod
+    def backward(ctx, grad_xn, grad_pooled):
+        x, weight, stats = ctx.saved_tensors
+        grad_xn, grad_pooled = _ln_pool_grads(x, grad_xn, grad_pooled)
+        dx, dwb = _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, _identity)
+        return dx, dwb[0], dwb[1], None
+
+
+class _ModulateLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_all, xn, s, skip_scale, weight, bias, eps):
+        out, stats = _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, _identity)
+        ctx.save_for_backward(y_all, xn, s, skip_scale, weight, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_all, xn, s, skip_scale, weight, stats = ctx.saved_tensors
+        grad_out = torch.zeros_like(y_all) if grad_out is None else grad_out.contiguous()
+        dy, dxn, ds, dskip, dwb = _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, _identity)
+        return dy, dxn, ds, dskip, dwb[0], dwb[1], None
+
+
+def _use_library_ops() -> bool:
+    return CONFIG["eager_library_ops"] or torch.compiler.is_compiling()
+
+
+def layernorm_pool_triton(x, weight, bias, eps):
+    if _use_library_ops():
+        xn, pooled, _stats = ln_pool_fwd(x, weight, bias, float(eps))
+        return xn, pooled
+    return _LayerNormPool.apply(x, weight, bias, float(eps))
+
+
+def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps):
+    if _use_library_ops():
+        return mod_ln_fwd(y_all, xn, s, skip_scale, weight, bias, float(eps))[0]
+    return _ModulateLayerNorm.apply(y_all, xn, s, skip_scale, weight, bias, float(eps))

@@ -1,0 +1,309 @@
+"""Channel modulation ops: layernorm_pool and modulate_layernorm.
+
+* CPU (always): the torch references vs a float64 hand computation, forward and every gradient;
+  argument checking.
+* Triton interpreter (always, when Triton is importable): the fused kernels on CPU tensors with
+  TRITON_INTERPRET=1, in a subprocess (the variable must be set before Triton is imported); a few
+  seconds.
+* GPU (@pytest.mark.gpu): the fused kernels vs float64 at GroupMamba-T stage shapes and odd shapes,
+  fp32 / bf16 / fp16, forward and all gradients, outputs poisoned with NaN first.
+
+Tolerances (relative Frobenius error vs float64, conftest.rel_err):
+    float32: outputs and activation gradients 1e-5; LayerNorm weight/bias gradients 1e-4 (sums over
+             B*L rows); bf16/fp16: 1e-2 everywhere.
+    d skip_scale: LayerNorm is scale-invariant, so d out / d skip_scale is ~0 (it only comes from eps)
+             and is a sum of large cancelling terms: it is checked with an absolute error against the
+             size of those terms, sum_bc |s_bc * q_bc| (q_bc = sum_l dz * y * xn), times a tenth of the
+             tolerance (1e-6 for float32; seen ~1e-8 under the interpreter).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import rel_err
+from groupmamba.ops import modulation as M
+
+EPS = 1e-5
+# GroupMamba-T stages at 224x224: (L, C) = (56*56, 64), (28*28, 128), (14*14, 348), (7*7, 448)
+STAGES = [(3136, 64), (784, 128), (196, 348), (49, 448)]
+ODD = [(3, 1, 348), (2, 50, 87 * 4), (2, 37, 20), (1, 7, 1000), (5, 3, 4)]
+
+
+# ------------------------------------------------------------------------------------------------
+# float64 hand computation
+# ------------------------------------------------------------------------------------------------
+def ln64(x, w, b, eps=EPS):
+    m = x.mean(dim=-1, keepdim=True)
+    v = ((x - m) ** 2).mean(dim=-1, keepdim=True)
+    return (x - m) / torch.sqrt(v + eps) * w + b
+
+
+def make_inputs(B, L, C, dtype=torch.float32, s_dtype=torch.float32, device="cpu", seed=None):
+    g = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    t = dict(
+        x=r(B, L, C) * 2 + 0.5,
+        weight=1 + 0.3 * r(C),
+        bias=0.2 * r(C),
+        y=r(B, L, C),
+        s=torch.rand(B, C, generator=g, dtype=torch.float64),
+        skip=1 + 0.1 * r(1),
+        g_xn=r(B, L, C),          # cotangents
+        g_pooled=r(B, C),
+        g_out=r(B, L, C),
+    )
+    act = dict(x=dtype, y=dtype, g_xn=dtype, g_pooled=dtype, g_out=dtype, s=s_dtype)
+    pw = torch.float64 if dtype == torch.float64 else torch.float32
+    return {k: v.to(act.get(k, pw)).to(device) for k, v in t.items()}
+
+
+def leaves(inp, keys=("x", "weight", "bias", "y", "s", "skip")):
+    return {k: inp[k].detach().clone().requires_grad_() for k in keys}
+
+
+def run_chain(layernorm_pool, modulate_layernorm, inp):
+    """Both ops chained as in the GroupMamba layer (s a leaf here); returns outputs and all gradients."""
+    p = leaves(inp)
+    xn, pooled = layernorm_pool(p["x"], p["weight"], p["bias"], EPS)
+    out = modulate_layernorm(p["y"], xn, p["s"], p["skip"], p["weight"], p["bias"], EPS)
+    loss = ((xn.double() * inp["g_xn"].double()).sum() + (pooled.double() * inp["g_pooled"].double()).sum()
+            + (out.double() * inp["g_out"].double()).sum())
+    loss.backward()
+    res = dict(xn=xn, pooled=pooled, out=out)
+    res.update({"d" + k: v.grad for k, v in p.items()})
+    return res
+
+
+def hand64(inp):
+    """The same chain in float64 by hand (inputs as given, upcast)."""
+    d = {k: v.detach().double().cpu() for k, v in inp.items()}
+    p = leaves(d)
+    xn = ln64(p["x"], p["weight"], p["bias"])
+    pooled = xn.mean(dim=1)
+    out = ln64(p["y"] * p["skip"] * xn * p["s"][:, None, :], p["weight"], p["bias"])
+    ((xn * d["g_xn"]).sum() + (pooled * d["g_pooled"]).sum() + (out * d["g_out"]).sum()).backward()
+    res = dict(xn=xn, pooled=pooled, out=out)
+    res.update({"d" + k: v.grad for k, v in p.items()})
+    # size of the cancelling terms in d skip: sum_bc |s_bc * q_bc|, q = ds / skip
+    res["skip_scale_terms"] = (d["s"] * p["s"].grad / d["skip"]).abs().sum().item()
+    return res
+
+
+def compare(res, ref, tol, tol_ln, what="", tol_skip=None):
+    errs = {}
+    for k in ("xn", "pooled", "out", "dx", "dy", "ds"):
+        errs[k] = (rel_err(res[k], ref[k]), tol)
+    for k in ("dweight", "dbias"):
+        errs[k] = (rel_err(res[k], ref[k]), tol_ln)
+    a = res["dskip"].detach().double().cpu()
+    skip_err = float("inf") if not torch.isfinite(a).all() else \
+        (a - ref["dskip"]).abs().item() / max(ref["skip_scale_terms"], 1e-30)
+    errs["dskip"] = (skip_err, tol_skip if tol_skip is not None else tol / 10)
+    bad = {k: e for k, (e, t) in errs.items() if not e <= t}
+    assert not bad, f"{what}: errors over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
+    for k in ("xn", "pooled", "out", "dx", "dy", "ds", "dweight", "dbias", "dskip"):
+        assert res[k].shape == ref[k].shape, (k, res[k].shape, ref[k].shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU: references
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,L,C", [(2, 49, 64), (3, 1, 348), (2, 16, 20)])
+def test_reference_float64_matches_hand(B, L, C):
+    inp = make_inputs(B, L, C, dtype=torch.float64, s_dtype=torch.float64)
+    res = run_chain(M.layernorm_pool_reference, M.modulate_layernorm_reference, inp)
+    compare(res, hand64(inp), 1e-12, 1e-12, "reference float64")
+
+
+@pytest.mark.parametrize("B,L,C", [(2, 49, 64), (2, 7, 348)])
+def test_public_ops_on_cpu_use_reference_float32(B, L, C):
+    inp = make_inputs(B, L, C)
+    res = run_chain(M.layernorm_pool, M.modulate_layernorm, inp)
+    compare(res, hand64(inp), 1e-5, 1e-4, "public ops on cpu, float32")
+    assert res["xn"].dtype == res["out"].dtype == res["pooled"].dtype == torch.float32
+
+
+def test_reference_keeps_activation_dtype():
+    inp = make_inputs(2, 5, 8, dtype=torch.bfloat16)
+    xn, pooled = M.layernorm_pool(inp["x"], inp["weight"], inp["bias"], EPS)
+    out = M.modulate_layernorm(inp["y"], xn, inp["s"], inp["skip"], inp["weight"], inp["bias"], EPS)
+    assert xn.dtype == pooled.dtype == out.dtype == torch.bfloat16
+
+
+def test_argument_errors():
+    inp = make_inputs(2, 5, 8)
+    x, w, b, y, s, k = (inp[n] for n in ("x", "weight", "bias", "y", "s", "skip"))
+    xn, _ = M.layernorm_pool(x, w, b, EPS)
+    with pytest.raises(ValueError, match=r"\(B, L, C\)"):
+        M.layernorm_pool(x[0], w, b, EPS)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        M.layernorm_pool(x, w[:4], b, EPS)
+    with pytest.raises(TypeError, match="floating point"):
+        M.layernorm_pool(x.long(), w, b, EPS)
+    with pytest.raises(ValueError, match="L >= 1"):
+        M.layernorm_pool(x[:, :0], w, b, EPS)
+    with pytest.raises(ValueError, match="xn has shape"):
+        M.modulate_layernorm(y, xn[:, :3], s, k, w, b, EPS)
+    with pytest.raises(ValueError, match="s must have shape"):
+        M.modulate_layernorm(y, xn, s[:1], k, w, b, EPS)
+    with pytest.raises(ValueError, match="skip_scale must hold one element"):
+        M.modulate_layernorm(y, xn, s, torch.ones(2), w, b, EPS)
+    with pytest.raises(TypeError, match="must be a tensor"):
+        M.modulate_layernorm(y, xn, s, 1.0, w, b, EPS)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="is on"):
+            M.modulate_layernorm(y.cuda(), xn, s, k, w, b, EPS)
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton interpreter on CPU (subprocess: TRITON_INTERPRET must be set before Triton is imported)
+# ------------------------------------------------------------------------------------------------
+INTERPRET_CASES = [((2, 49, 64), torch.float32), ((3, 1, 348), torch.float32), ((2, 13, 348), torch.float32),
+                   ((2, 9, 20), torch.float32), ((2, 33, 128), torch.bfloat16), ((2, 10, 24), torch.float16)]
+
+
+def _interpret_checks():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    for (B, L, C), dt in INTERPRET_CASES:
+        inp = make_inputs(B, L, C, dtype=dt)
+        res = run_chain(M.layernorm_pool_fused, M.modulate_layernorm_fused, inp)
+        tol, tol_ln = (1e-5, 1e-4) if dt == torch.float32 else (1e-2, 1e-2)
+        compare(res, hand64(inp), tol, tol_ln, f"interpreter {dt} {(B, L, C)}")
+        assert res["out"].dtype == res["xn"].dtype == res["dx"].dtype == res["dy"].dtype == dt
+    # non-contiguous inputs
+    inp = make_inputs(2, 12, 24)
+    inp["x"] = inp["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    inp["y"] = inp["y"][:, torch.arange(11, -1, -1)]
+    inp["s"] = inp["s"].t().contiguous().t()
+    compare(run_chain(M.layernorm_pool_fused, M.modulate_layernorm_fused, inp), hand64(inp), 1e-5, 1e-4,
+            "interpreter non-contiguous")
+    # the torch.library ops (the torch.compile path) run eagerly too
+    from groupmamba.ops import triton_modulation as tm
+    tm.CONFIG["eager_library_ops"] = True
+    try:
+        inp = make_inputs(2, 21, 348)
+        compare(run_chain(M.layernorm_pool_fused, M.modulate_layernorm_fused, inp), hand64(inp), 1e-5, 1e-4,
+                "interpreter torch.library ops")
+    finally:
+        tm.CONFIG["eager_library_ops"] = False
+    # small tiles: many tiles per batch, ragged last tile, partial sums over many programs
+    saved = dict(tm.CONFIG)
+    try:
+        tm.CONFIG.update(fwd_elems=128, bwd_elems=64)
+        inp = make_inputs(3, 29, 20)
+        compare(run_chain(M.layernorm_pool_fused, M.modulate_layernorm_fused, inp), hand64(inp), 1e-5, 1e-4,
+                "interpreter small tiles")
+    finally:
+        tm.CONFIG.update(saved)
+    print("interpreter checks passed:", len(INTERPRET_CASES) + 3)
+
+
+def test_triton_interpreter_cpu():
+    if not M.triton_available():
+        pytest.skip(f"Triton not importable ({M._TRITON_ERROR})")
+    env = dict(os.environ, TRITON_INTERPRET="1", GROUPMAMBA_FORCE_REFERENCE="0")
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env, capture_output=True,
+                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-8000:]}"
+    assert "interpreter checks passed" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU
+# ------------------------------------------------------------------------------------------------
+def poison_cuda_cache():
+    """Fill the caching allocator's free blocks with NaN, so any output element left unwritten shows."""
+    small = [torch.full((1 << 18,) if i % 2 else (1 << 16,), float("nan"), device="cuda") for i in range(64)]
+    free, _ = torch.cuda.mem_get_info()
+    big = torch.full((min(free // 4, 1 << 30) // 4,), float("nan"), device="cuda")
+    del small, big
+    torch.cuda.synchronize()
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _gpu_case(B, L, C, dt, s_dtype=torch.float32):
+    inp = make_inputs(B, L, C, dtype=dt, s_dtype=s_dtype, device="cuda")
+    poison_cuda_cache()
+    res = run_chain(M.layernorm_pool, M.modulate_layernorm, inp)   # public ops: CUDA -> fused
+    torch.cuda.synchronize()
+    tol, tol_ln = (1e-5, 1e-4) if dt == torch.float32 else (1e-2, 1e-2)
+    compare(res, hand64(inp), tol, tol_ln, f"gpu {dt} {(B, L, C)}")
+    assert res["out"].dtype == res["xn"].dtype == res["pooled"].dtype == dt
+    assert res["dx"].dtype == res["dy"].dtype == dt and res["ds"].dtype == s_dtype
+    assert res["dweight"].dtype == res["dskip"].dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", DTYPES, ids=str)
+@pytest.mark.parametrize("L,C", STAGES)
+def test_gpu_stage_shapes(L, C, dt):
+    _gpu_case(2, L, C, dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,L,C", ODD)
+def test_gpu_odd_shapes(B, L, C, dt):
+    _gpu_case(B, L, C, dt)
+
+
+@pytest.mark.gpu
+def test_gpu_s_in_activation_dtype():
+    _gpu_case(2, 196, 348, torch.bfloat16, s_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_uses_fused_path(monkeypatch):
+    if not M.triton_available():
+        pytest.skip("Triton not importable")
+    calls = []
+    for name in ("layernorm_pool_triton", "modulate_layernorm_triton"):
+        orig = getattr(M._tm, name)
+        monkeypatch.setattr(M._tm, name, lambda *a, _o=orig, _n=name: calls.append(_n) or _o(*a))
+    inp = make_inputs(2, 49, 64, device="cuda")
+    run_chain(M.layernorm_pool, M.modulate_layernorm, inp)
+    assert calls == ["layernorm_pool_triton", "modulate_layernorm_triton"]
+    monkeypatch.setenv("GROUPMAMBA_FORCE_REFERENCE", "1")
+    run_chain(M.layernorm_pool, M.modulate_layernorm, inp)
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_library_ops_eager(monkeypatch):
+    """The torch.library triton_ops (what torch.compile traces) run eagerly as well."""
+    monkeypatch.setitem(M._tm.CONFIG, "eager_library_ops", True)
+    _gpu_case(2, 196, 348, torch.bfloat16)
+    _gpu_case(2, 784, 128, torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_non_contiguous():
+    inp = make_inputs(2, 196, 348, device="cuda")
+    inp["x"] = inp["x"].transpose(1, 2).contiguous().transpose(1, 2)
+    inp["y"] = inp["y"].flip(1)
+    inp["s"] = inp["s"].t().contiguous().t()
+    poison_cuda_cache()
+    compare(run_chain(M.layernorm_pool, M.modulate_layernorm, inp), hand64(inp), 1e-5, 1e-4, "gpu non-contiguous")
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile():
+    """The triton_ops trace through torch.compile (fullgraph, aot_eager: fake impls + autograd)."""
+    inp = make_inputs(2, 49, 64, device="cuda")
+    eager = run_chain(M.layernorm_pool, M.modulate_layernorm, inp)
+    lp = torch.compile(M.layernorm_pool, backend="aot_eager", fullgraph=True)
+    ml = torch.compile(M.modulate_layernorm, backend="aot_eager", fullgraph=True)
+    comp = run_chain(lp, ml, inp)
+    for k in ("xn", "pooled", "out", "dx", "dy", "ds", "dweight", "dbias", "dskip"):
+        assert rel_err(comp[k], eager[k]) <= 1e-6, k
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    _interpret_checks()
