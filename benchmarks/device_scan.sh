@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One run on the GPU machine: build, GPU tests, compute-sanitizer (memcheck + racecheck), benchmark.
+# Everything is tee'd to $OUT/*.log (OUT defaults to ./device_out).
+set -u -o pipefail
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+PY=${PYTHON:-python3}
+status=0
+
+echo "== nvidia-smi" | tee "$OUT/env.log"
+nvidia-smi 2>&1 | tee -a "$OUT/env.log"
+$PY -c "import torch; print('GPU:', torch.cuda.get_device_name(), 'torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$OUT/env.log"
+
+echo "== build"
+t0=$(date +%s)
+if ! $PY -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+  tail -80 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+fi
+grep -E "groupmamba: (building|CUDA)|spill|error" "$OUT/build.log" | head -20
+echo "build took $(( $(date +%s) - t0 )) s"
+cd /tmp  # import the installed package, not the source tree
+SRC=$OLDPWD
+
+echo "== pytest"
+$PY -m pytest -m gpu -q --timeout=600 -p no:cacheprovider --rootdir "$SRC" "$SRC/tests/test_scan_cuda.py" 2>&1 | tee "$OUT/pytest.log" | tail -40 || status=1
+
+echo "== compute-sanitizer"
+cat > /tmp/sanitize_scan.py <<'PYEOF'
+import torch, groupmamba
+from groupmamba.ops import grouped_scan
+torch.manual_seed(0)
+def run(B, H, W, d, N, dtype, chunk):
+    R = max(1, -(-d // 16))
+    u = torch.randn(B, H, W, 4 * d, device="cuda").to(dtype).requires_grad_()
+    ps = [torch.randn(4, R + 2 * N, d) / d ** 0.5, torch.randn(4, d, R) / R ** 0.5, torch.full((4, d), -1.0),
+          torch.zeros(4, d, N), torch.randn(4, d)]
+    ps = [p.cuda().requires_grad_() for p in ps]
+    y = grouped_scan(u, *ps, chunk=chunk)
+    y.backward(torch.randn_like(y))
+    torch.cuda.synchronize()
+for args in [(2, 9, 7, 16, 1, torch.bfloat16, 16), (2, 5, 6, 87, 1, torch.float32, 8), (1, 4, 5, 3, 2, torch.float16, 3),
+             (2, 7, 7, 128, 1, torch.bfloat16, 64), (2, 14, 14, 32, 1, torch.float32, 64)]:
+    run(*args)
+print("sanitize script done")
+PYEOF
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool $tool --target-processes all $PY /tmp/sanitize_scan.py 2>&1 | tee "$OUT/sanitizer_$tool.log" | tail -5 || status=1
+done
+
+echo "== benchmark"
+$PY "$SRC/benchmarks/bench_scan.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1
+exit $status

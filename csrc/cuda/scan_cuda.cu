@@ -1,0 +1,1029 @@
+// CUDA forward and backward of the four-direction grouped selective scan (contract: python/groupmamba/ops/scan.py).
+//
+// Fast path (N == 1, d <= 128, chunk % 4 == 0):
+//   One launch covers every (batch, group, segment). A segment is m consecutive chunks of one (b, g) scan
+//   sequence. Inside a block, a thread owns CPT = 4 channels and a "run" of K consecutive scan steps; the
+//   CVp (power of two) lanes that share a step sit next to each other in one warp, so the per-step dots of
+//   x_proj (R + 2 rows over the d channels) are warp xor-shuffle reductions. u is read straight from the
+//   (B, H, W, C) tensor at scan_position(g, t) (no reordering copies). Each thread scans its run locally
+//   from a zero state; per-channel threads then compose the run summaries (decay product P and end state
+//   H) in order, and segments of one sequence are chained with a decoupled look-back (a block publishes
+//   its aggregate, then walks back over its predecessors' aggregates until it finds an inclusive prefix;
+//   blocks take tickets in scan order so every block waits only on blocks that already run).
+//   The backward does the same with the adjoint recurrence in reverse order (blocks take tickets from the
+//   last segment down); the forward state entering a segment comes from `states`. Parameter gradients:
+//   per-thread sums over the run -> block reduction in shared memory in a fixed order -> one partial
+//   row per block -> a two-level deterministic reduction kernel. No floating-point atomics anywhere.
+// Generic path (any N, any d, any chunk): one block per (b, g), one thread per channel, sequential over
+//   the L steps with shared-memory reductions. Slow but simple; used for N > 1, d > 128 or odd chunks.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+#include "scan_common.h"
+
+namespace groupmamba {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kCPT = 4;        // channels per thread (fast path)
+constexpr int kKF = 4;         // steps per thread, forward
+constexpr int kKB = 4;         // steps per thread, backward
+constexpr int kMaxThreadsF = 512;
+constexpr int kMaxThreadsB = 512;
+constexpr int kRedBudget = 40 * 1024;  // bytes of shared memory for the backward's parameter reduction
+
+// ---- element conversion and vector access -------------------------------------------------------
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+
+template <int BYTES> struct RawT;
+template <> struct RawT<16> { using type = uint4; };
+template <> struct RawT<8> { using type = uint2; };
+template <> struct RawT<4> { using type = unsigned int; };
+template <> struct RawT<2> { using type = unsigned short; };
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  using R = typename RawT<VEC * sizeof(T)>::type;
+  R r = __ldg(reinterpret_cast<const R*>(p));
+  T tmp[VEC];
+  memcpy(tmp, &r, sizeof(R));
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) out[i] = to_f(tmp[i]);
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* p, const float* v) {
+  using R = typename RawT<VEC * sizeof(T)>::type;
+  T tmp[VEC];
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) tmp[i] = from_f<T>(v[i]);
+  R r;
+  memcpy(&r, tmp, sizeof(R));
+  *reinterpret_cast<R*>(p) = r;
+}
+
+__device__ __forceinline__ float softplus_f(float z) { return z > 20.f ? z : log1pf(__expf(z)); }
+
+// Sum over the cvp lanes (a power of two, lanes xor-adjacent) that share a scan step; every lane gets the sum.
+__device__ __forceinline__ float cv_reduce(float v, int cvp) {
+  for (int o = cvp >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+struct FastParams {
+  int B, H, W, C, d, R, L, chunk, nch;
+  int Ls, nseg, m;  // steps per segment, segments per sequence, chunks per segment
+  int cvp, NR;      // lanes per step, runs per segment
+  int RB, E;        // backward: rows of the reduction buffer, parameter-gradient entries per group
+};
+
+struct ParamPtrs {
+  const float* Wx;    // (4, R+2N, d)
+  const float* Wdt;   // (4, d, R)
+  const float* bias;  // (4, d)
+  const float* Alog;  // (4, d, N)
+  const float* D;     // (4, d)
+};
+
+struct LookBack {
+  float* agg;        // [rec][d][2]  (decay product, state) of the segment alone
+  float* incl;       // [rec][d]     state after the segment (inclusive prefix)
+  unsigned* flags;   // [rec][d]     0 nothing, 1 aggregate, 2 inclusive; then one ticket counter
+  unsigned* ticket;
+};
+
+// Walks back over the predecessors of segment `s` (direction dir = -1 forward, +1 backward) and returns the
+// carry entering it. Runs per channel c; each (rec, c) slot has its own flag.
+__device__ __forceinline__ float look_back(const LookBack& lb, int bg, int nseg, int s, int dir, int d, int c) {
+  float Pacc = 1.f, Hacc = 0.f;
+  int j = s + dir;
+  while (true) {
+    const size_t fj = (size_t)(bg * nseg + j) * d + c;
+    unsigned f;
+    do { f = ld_acquire(lb.flags + fj); } while (f == 0u);
+    if (f == 2u) return fmaf(Pacc, __ldcg(lb.incl + fj), Hacc);
+    const float pj = __ldcg(lb.agg + 2 * fj), hj = __ldcg(lb.agg + 2 * fj + 1);
+    Hacc = fmaf(Pacc, hj, Hacc);
+    Pacc *= pj;
+    j += dir;
+  }
+}
+
+__device__ __forceinline__ int scan_pos_i(int g, int t, int H, int W, int L) {
+  if (g >= 2) t = L - 1 - t;
+  return (g & 1) ? (t % H) * W + t / H : t;
+}
+
+// ================================ fast forward ===================================================
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kMaxThreadsF) fwd_fast_kernel(FastParams p, const T* __restrict__ u,
+                                                                  T* __restrict__ y, float* __restrict__ states,
+                                                                  ParamPtrs prm, LookBack lb) {
+  constexpr int CPT = kCPT;
+  extern __shared__ float smem[];
+  __shared__ unsigned s_ticket;
+  const int d = p.d, R = p.R, RK = R + 2, tid = threadIdx.x;
+  if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u);
+  __syncthreads();
+  const int nbg = p.B * kGroups;
+  const int s = (int)(s_ticket / nbg), bg = (int)(s_ticket % nbg), b = bg / kGroups, g = bg % kGroups;
+  const int rec = bg * p.nseg + s;
+
+  float* sWx = smem;            // RK*d
+  float* sWdt = sWx + RK * d;   // d*R
+  float* sBias = sWdt + d * R;  // d
+  float* sA2 = sBias + d;       // d   A * log2(e)
+  float* sD = sA2 + d;          // d
+  float* sP = sD + d;           // NR*d
+  float* sH = sP + p.NR * d;    // NR*d
+  for (int i = tid; i < RK * d; i += blockDim.x) sWx[i] = prm.Wx[(size_t)g * RK * d + i];
+  for (int i = tid; i < d * R; i += blockDim.x) sWdt[i] = prm.Wdt[(size_t)g * d * R + i];
+  for (int i = tid; i < d; i += blockDim.x) {
+    sBias[i] = prm.bias[g * d + i];
+    sA2[i] = -__expf(prm.Alog[g * d + i]) * kLog2e;
+    sD[i] = prm.D[g * d + i];
+  }
+
+  const int cvp = p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
+  const bool run_ok = run < p.NR;
+  const int t0 = s * p.Ls + run * K;
+  bool cok[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) cok[j] = c0 + j < d;
+  bool sok[K];
+  const T* src[K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    sok[i] = run_ok && t0 + i < p.L;
+    const int pos = sok[i] ? scan_pos_i(g, t0 + i, p.H, p.W, p.L) : 0;
+    src[i] = u + ((size_t)b * p.L + pos) * p.C + (size_t)g * d + c0;
+  }
+  float x[K][CPT];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+#pragma unroll
+    for (int q = 0; q < CPT; q += VEC) {
+      if (sok[i] && cok[q]) load_vec<T, VEC>(src[i] + q, &x[i][q]);
+      else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) x[i][q + v] = 0.f;
+      }
+    }
+  }
+  __syncthreads();  // parameters in shared memory
+
+  // x_proj: dt rows folded straight into z = dt_proj @ dt_r + bias; B and C kept per step.
+  float z[K][CPT], Bv[K], Cv[K];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const float bj = cok[j] ? sBias[c0 + j] : 0.f;
+#pragma unroll
+    for (int i = 0; i < K; ++i) z[i][j] = bj;
+  }
+  for (int k = 0; k < RK; ++k) {
+    float w[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) w[j] = cok[j] ? sWx[k * d + c0 + j] : 0.f;
+    float sk[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      float a = 0.f;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) a = fmaf(w[j], x[i][j], a);
+      sk[i] = cv_reduce(a, cvp);
+    }
+    if (k < R) {
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const float wd = cok[j] ? sWdt[(c0 + j) * R + k] : 0.f;
+#pragma unroll
+        for (int i = 0; i < K; ++i) z[i][j] = fmaf(wd, sk[i], z[i][j]);
+      }
+    } else if (k == R) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) Bv[i] = sk[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < K; ++i) Cv[i] = sk[i];
+    }
+  }
+
+  // Local scan of the run from a zero state: y_i = yl_i + pc_i * carry.
+  float A2[CPT], Dv[CPT], hl[CPT], P[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    A2[j] = cok[j] ? sA2[c0 + j] : 0.f;
+    Dv[j] = cok[j] ? sD[c0 + j] : 0.f;
+    hl[j] = 0.f;
+    P[j] = 1.f;
+  }
+  float yl[K][CPT], pc[K][CPT];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      const float delta = softplus_f(z[i][j]);
+      float a = exp2f(delta * A2[j]);
+      float bb = delta * Bv[i] * x[i][j];
+      if (!sok[i]) { a = 1.f; bb = 0.f; }
+      hl[j] = fmaf(a, hl[j], bb);
+      P[j] *= a;
+      yl[i][j] = fmaf(Cv[i], hl[j], Dv[j] * x[i][j]);
+      pc[i][j] = Cv[i] * P[j];
+    }
+  }
+  if (run_ok) {
+#pragma unroll
+    for (int j = 0; j < CPT; ++j)
+      if (cok[j]) { sP[run * d + c0 + j] = P[j]; sH[run * d + c0 + j] = hl[j]; }
+  }
+  __syncthreads();
+
+  // Per channel: compose the runs, chain the segments (look-back), write carries and chunk states.
+  for (int c = tid; c < d; c += blockDim.x) {
+    float Pt = 1.f, Ht = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < p.NR; ++r) {
+      const float pr = sP[r * d + c];
+      Ht = fmaf(pr, Ht, sH[r * d + c]);
+      Pt *= pr;
+    }
+    const size_t fi = (size_t)rec * d + c;
+    float Hin = 0.f;
+    if (s > 0) {
+      lb.agg[2 * fi] = Pt;
+      lb.agg[2 * fi + 1] = Ht;
+      st_release(lb.flags + fi, 1u);
+      Hin = look_back(lb, bg, p.nseg, s, -1, d, c);
+    }
+    lb.incl[fi] = fmaf(Pt, Hin, Ht);
+    st_release(lb.flags + fi, 2u);
+    float hc = Hin;
+#pragma unroll 8
+    for (int r = 0; r < p.NR; ++r) {
+      const float pr = sP[r * d + c], hr = sH[r * d + c];
+      sH[r * d + c] = hc;
+      hc = fmaf(pr, hc, hr);
+    }
+    for (int kk = 0; kk < p.m; ++kk) {
+      const int kg = s * p.m + kk;
+      if (kg < p.nch) states[((size_t)bg * p.nch + kg) * d + c] = sH[(kk * p.chunk / K) * d + c];
+    }
+  }
+  __syncthreads();
+
+  if (run_ok) {
+    float carry[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) carry[j] = cok[j] ? sH[run * d + c0 + j] : 0.f;
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (!sok[i]) continue;
+      float out[CPT];
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) out[j] = fmaf(pc[i][j], carry[j], yl[i][j]);
+      T* dst = y + (src[i] - u);
+#pragma unroll
+      for (int q = 0; q < CPT; q += VEC)
+        if (cok[q]) store_vec<T, VEC>(dst + q, &out[q]);
+    }
+  }
+}
+
+// ================================ fast backward ==================================================
+template <typename T, int VEC, int K>
+__global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, const T* __restrict__ dy_,
+                                                                  const T* __restrict__ u, T* __restrict__ du,
+                                                                  const float* __restrict__ states, ParamPtrs prm,
+                                                                  LookBack lb, float* __restrict__ partial) {
+  constexpr int CPT = kCPT;
+  extern __shared__ float smem[];
+  __shared__ unsigned s_ticket;
+  const int d = p.d, R = p.R, RK = R + 2, tid = threadIdx.x, E = p.E;
+  if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u);
+  __syncthreads();
+  const int nbg = p.B * kGroups;
+  const int s = p.nseg - 1 - (int)(s_ticket / nbg), bg = (int)(s_ticket % nbg), b = bg / kGroups, g = bg % kGroups;
+  const int rec = bg * p.nseg + s;
+
+  float* sWx = smem;              // RK*d
+  float* sWdt = sWx + RK * d;     // d*R
+  float* sBias = sWdt + d * R;    // d
+  float* sA = sBias + d;          // d  (A = -exp(A_log))
+  float* sD = sA + d;             // d
+  float* sPf = sD + d;            // NR*d  run decay product
+  float* sHf = sPf + p.NR * d;    // NR*d  run forward state -> forward carry
+  float* sO = sHf + p.NR * d;     // NR*d  run adjoint out -> adjoint carry
+  float* sDtr = sO + p.NR * d;    // Ls*R
+  float* sDx = sDtr + p.Ls * R;   // Ls*RK  per-step gradient of x_proj output
+  float* sRed = sDx + p.Ls * RK;  // RB*E
+  for (int i = tid; i < RK * d; i += blockDim.x) sWx[i] = prm.Wx[(size_t)g * RK * d + i];
+  for (int i = tid; i < d * R; i += blockDim.x) sWdt[i] = prm.Wdt[(size_t)g * d * R + i];
+  for (int i = tid; i < d; i += blockDim.x) {
+    sBias[i] = prm.bias[g * d + i];
+    sA[i] = -__expf(prm.Alog[g * d + i]);
+    sD[i] = prm.D[g * d + i];
+  }
+
+  const int cvp = p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
+  const bool run_ok = run < p.NR;
+  const int t0 = s * p.Ls + run * K;
+  bool cok[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) cok[j] = c0 + j < d;
+  bool sok[K];
+  size_t off[K];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    sok[i] = run_ok && t0 + i < p.L;
+    const int pos = sok[i] ? scan_pos_i(g, t0 + i, p.H, p.W, p.L) : 0;
+    off[i] = ((size_t)b * p.L + pos) * p.C + (size_t)g * d + c0;
+  }
+  float x[K][CPT], dy[K][CPT];
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+#pragma unroll
+    for (int q = 0; q < CPT; q += VEC) {
+      if (sok[i] && cok[q]) {
+        load_vec<T, VEC>(u + off[i] + q, &x[i][q]);
+        load_vec<T, VEC>(dy_ + off[i] + q, &dy[i][q]);
+      } else {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) { x[i][q + v] = 0.f; dy[i][q + v] = 0.f; }
+      }
+    }
+  }
+  __syncthreads();
+
+  float z[K][CPT], Bv[K], Cv[K];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    const float bj = cok[j] ? sBias[c0 + j] : 0.f;
+#pragma unroll
+    for (int i = 0; i < K; ++i) z[i][j] = bj;
+  }
+  for (int k = 0; k < RK; ++k) {
+    float w[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) w[j] = cok[j] ? sWx[k * d + c0 + j] : 0.f;
+    float sk[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      float a = 0.f;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) a = fmaf(w[j], x[i][j], a);
+      sk[i] = cv_reduce(a, cvp);
+    }
+    if (k < R) {
+      if (cv == 0 && run_ok) {
+#pragma unroll
+        for (int i = 0; i < K; ++i) sDtr[(run * K + i) * R + k] = sk[i];
+      }
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        const float wd = cok[j] ? sWdt[(c0 + j) * R + k] : 0.f;
+#pragma unroll
+        for (int i = 0; i < K; ++i) z[i][j] = fmaf(wd, sk[i], z[i][j]);
+      }
+    } else if (k == R) {
+#pragma unroll
+      for (int i = 0; i < K; ++i) Bv[i] = sk[i];
+    } else {
+#pragma unroll
+      for (int i = 0; i < K; ++i) Cv[i] = sk[i];
+    }
+  }
+
+  float Av[CPT], Dv[CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    Av[j] = cok[j] ? sA[c0 + j] : 0.f;
+    Dv[j] = cok[j] ? sD[c0 + j] : 0.f;
+  }
+  // delta (in z) and decay a; local forward and adjoint summaries of the run.
+  float a[K][CPT];
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      z[i][j] = softplus_f(z[i][j]);
+      a[i][j] = sok[i] ? exp2f(z[i][j] * Av[j] * kLog2e) : 1.f;
+    }
+  if (run_ok) {
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      float hl = 0.f, P = 1.f, cont = 0.f;
+#pragma unroll
+      for (int i = 0; i < K; ++i) {
+        const float bb = sok[i] ? z[i][j] * Bv[i] * x[i][j] : 0.f;
+        hl = fmaf(a[i][j], hl, bb);
+        P *= a[i][j];
+      }
+#pragma unroll
+      for (int i = K - 1; i >= 0; --i) cont = a[i][j] * fmaf(Cv[i], dy[i][j], cont);
+      if (cok[j]) {
+        sPf[run * d + c0 + j] = P;
+        sHf[run * d + c0 + j] = hl;
+        sO[run * d + c0 + j] = cont;
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int c = tid; c < d; c += blockDim.x) {
+    // forward carries from the saved chunk state
+    float hc = states[((size_t)bg * p.nch + (size_t)s * p.m) * d + c];
+#pragma unroll 8
+    for (int r = 0; r < p.NR; ++r) {
+      const float pr = sPf[r * d + c], hr = sHf[r * d + c];
+      sHf[r * d + c] = hc;
+      hc = fmaf(pr, hc, hr);
+    }
+    // adjoint: compose right to left, chain segments right to left
+    float Qt = 1.f, Ot = 0.f;
+#pragma unroll 8
+    for (int r = p.NR - 1; r >= 0; --r) {
+      const float q = sPf[r * d + c];
+      Ot = fmaf(q, Ot, sO[r * d + c]);
+      Qt *= q;
+    }
+    const size_t fi = (size_t)rec * d + c;
+    float Gin = 0.f;
+    if (s < p.nseg - 1) {
+      lb.agg[2 * fi] = Qt;
+      lb.agg[2 * fi + 1] = Ot;
+      st_release(lb.flags + fi, 1u);
+      Gin = look_back(lb, bg, p.nseg, s, +1, d, c);
+    }
+    lb.incl[fi] = fmaf(Qt, Gin, Ot);
+    st_release(lb.flags + fi, 2u);
+    float G = Gin;
+#pragma unroll 8
+    for (int r = p.NR - 1; r >= 0; --r) {
+      const float q = sPf[r * d + c], o = sO[r * d + c];
+      sO[r * d + c] = G;
+      G = fmaf(q, G, o);
+    }
+  }
+  __syncthreads();
+
+  // Final: adjoint per step (reverse walk), then a forward walk producing every gradient.
+  float hprev[CPT], dA[CPT], dD[CPT], db[CPT];
+  float dBp[K], dCp[K];
+  float gsv[K][CPT];  // adjoint g, then dz
+  float dx[K][CPT];
+#pragma unroll
+  for (int j = 0; j < CPT; ++j) {
+    hprev[j] = (run_ok && cok[j]) ? sHf[run * d + c0 + j] : 0.f;
+    float cont = (run_ok && cok[j]) ? sO[run * d + c0 + j] : 0.f;
+#pragma unroll
+    for (int i = K - 1; i >= 0; --i) {
+      const float gg = fmaf(Cv[i], dy[i][j], cont);
+      gsv[i][j] = gg;
+      cont = a[i][j] * gg;
+    }
+    dA[j] = 0.f; dD[j] = 0.f; db[j] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    float sB = 0.f, sC = 0.f;
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      const float delta = z[i][j], xi = x[i][j], gg = gsv[i][j], ai = a[i][j];
+      const float h = fmaf(ai, hprev[j], delta * Bv[i] * xi);
+      float dzv = 0.f;
+      if (sok[i]) {
+        sC = fmaf(dy[i][j], h, sC);
+        sB = fmaf(gg * delta, xi, sB);
+        const float ha = hprev[j] * ai;
+        const float ddelta = gg * fmaf(Bv[i], xi, ha * Av[j]);
+        dA[j] = fmaf(gg * ha, delta, dA[j]);
+        dD[j] = fmaf(dy[i][j], xi, dD[j]);
+        dzv = ddelta * -expm1f(-delta);
+        db[j] += dzv;
+      }
+      dx[i][j] = fmaf(dy[i][j], Dv[j], gg * delta * Bv[i]);
+      gsv[i][j] = dzv;
+      hprev[j] = h;
+    }
+    dBp[i] = sB;
+    dCp[i] = sC;
+  }
+  // Gradient of the x_proj outputs per step (reduced over the channels), into dx and shared memory.
+  for (int k = 0; k < RK; ++k) {
+    float wd[CPT], w[CPT];
+#pragma unroll
+    for (int j = 0; j < CPT; ++j) {
+      wd[j] = (k < R && cok[j]) ? sWdt[(c0 + j) * R + k] : 0.f;
+      w[j] = cok[j] ? sWx[k * d + c0 + j] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      float part;
+      if (k < R) {
+        part = 0.f;
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) part = fmaf(wd[j], gsv[i][j], part);
+      } else {
+        part = (k == R) ? dBp[i] : dCp[i];
+      }
+      const float sk = cv_reduce(part, cvp);
+      if (cv == 0 && run_ok) sDx[(run * K + i) * RK + k] = sk;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) dx[i][j] = fmaf(w[j], sk, dx[i][j]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    if (!sok[i]) continue;
+#pragma unroll
+    for (int q = 0; q < CPT; q += VEC)
+      if (cok[q]) store_vec<T, VEC>(du + off[i] + q, &dx[i][q]);
+  }
+  __syncthreads();  // sDx / sDtr complete
+
+  // Parameter gradients: per-run sums into RB shared rows (waves of runs, fixed order), then over rows.
+  const int nwaves = (p.NR + p.RB - 1) / p.RB;
+  for (int w = 0; w < nwaves; ++w) {
+    if (run_ok && run / p.RB == w) {
+      float* row = sRed + (size_t)(run % p.RB) * E;
+      const bool first = (w == 0);
+      for (int k = 0; k < RK; ++k) {
+        float sk[K];
+#pragma unroll
+        for (int i = 0; i < K; ++i) sk[i] = sDx[(run * K + i) * RK + k];
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+          if (!cok[j]) continue;
+          float acc = 0.f;
+#pragma unroll
+          for (int i = 0; i < K; ++i) acc = fmaf(sk[i], x[i][j], acc);
+          float* e = row + k * d + c0 + j;
+          *e = first ? acc : *e + acc;
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        float dt[K];
+#pragma unroll
+        for (int i = 0; i < K; ++i) dt[i] = sDtr[(run * K + i) * R + r];
+#pragma unroll
+        for (int j = 0; j < CPT; ++j) {
+          if (!cok[j]) continue;
+          float acc = 0.f;
+#pragma unroll
+          for (int i = 0; i < K; ++i) acc = fmaf(gsv[i][j], dt[i], acc);
+          float* e = row + RK * d + (c0 + j) * R + r;
+          *e = first ? acc : *e + acc;
+        }
+      }
+      const int ob = (RK + R) * d;
+#pragma unroll
+      for (int j = 0; j < CPT; ++j) {
+        if (!cok[j]) continue;
+        const int c = c0 + j;
+        const float v0 = db[j], v1 = dA[j] * Av[j], v2 = dD[j];
+        row[ob + c] = first ? v0 : row[ob + c] + v0;
+        row[ob + d + c] = first ? v1 : row[ob + d + c] + v1;
+        row[ob + 2 * d + c] = first ? v2 : row[ob + 2 * d + c] + v2;
+      }
+    }
+    __syncthreads();
+  }
+  const int rows = min(p.RB, p.NR);
+  for (int e = tid; e < E; e += blockDim.x) {
+    float acc = 0.f;
+#pragma unroll 8
+    for (int r = 0; r < rows; ++r) acc += sRed[(size_t)r * E + e];
+    partial[(size_t)rec * E + e] = acc;
+  }
+}
+
+// ================================ generic (slow) path ============================================
+template <typename T>
+__global__ void fwd_generic_kernel(const T* __restrict__ u, T* __restrict__ y, float* __restrict__ states,
+                                   ParamPtrs prm, int B, int H, int W, int d, int R, int N, int chunk, int nch) {
+  extern __shared__ float smem[];
+  const int L = H * W, C = kGroups * d, RK = R + 2 * N, tid = threadIdx.x;
+  const int bg = blockIdx.x, b = bg / kGroups, g = bg % kGroups;
+  float* sx = smem;          // d
+  float* srow = sx + d;      // RK
+  float* sh = srow + RK;     // N*d  (thread c owns sh[n*d+c])
+  const float* Wx = prm.Wx + (size_t)g * RK * d;
+  const bool act = tid < d;
+  const int c = tid;
+  float bias = 0.f, Dc = 0.f;
+  if (act) {
+    bias = prm.bias[g * d + c];
+    Dc = prm.D[g * d + c];
+    for (int n = 0; n < N; ++n) sh[n * d + c] = 0.f;
+  }
+  for (int t = 0; t < L; ++t) {
+    const int pos = scan_pos_i(g, t, H, W, L);
+    const size_t o = ((size_t)b * L + pos) * C + (size_t)g * d + c;
+    float xc = 0.f;
+    if (act) {
+      if (t % chunk == 0)
+        for (int n = 0; n < N; ++n) states[(((size_t)bg * nch + t / chunk) * d + c) * N + n] = sh[n * d + c];
+      xc = to_f(u[o]);
+      sx[c] = xc;
+    }
+    __syncthreads();
+    for (int k = tid; k < RK; k += blockDim.x) {
+      float acc = 0.f;
+      for (int cc = 0; cc < d; ++cc) acc = fmaf(Wx[k * d + cc], sx[cc], acc);
+      srow[k] = acc;
+    }
+    __syncthreads();
+    if (act) {
+      float zz = bias;
+      for (int r = 0; r < R; ++r) zz = fmaf(prm.Wdt[((size_t)g * d + c) * R + r], srow[r], zz);
+      const float delta = softplus_f(zz);
+      float yv = Dc * xc;
+      for (int n = 0; n < N; ++n) {
+        const float A = -__expf(prm.Alog[((size_t)g * d + c) * N + n]);
+        const float h = fmaf(__expf(delta * A), sh[n * d + c], delta * srow[R + n] * xc);
+        sh[n * d + c] = h;
+        yv = fmaf(srow[R + N + n], h, yv);
+      }
+      y[o] = from_f<T>(yv);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void bwd_generic_kernel(const T* __restrict__ dy_, const T* __restrict__ u, T* __restrict__ du,
+                                   ParamPtrs prm, float* __restrict__ hs, float* __restrict__ partial, int B, int H,
+                                   int W, int d, int R, int N, int E) {
+  extern __shared__ float smem[];
+  const int L = H * W, C = kGroups * d, RK = R + 2 * N, tid = threadIdx.x;
+  const int bg = blockIdx.x, b = bg / kGroups, g = bg % kGroups;
+  float* sx = smem;             // d
+  float* srow = sx + d;         // RK
+  float* sdx = srow + RK;       // RK
+  float* sred = sdx + RK;       // RK*d
+  float* sacc = sred + RK * d;  // E (thread c owns its entries)
+  float* sg = sacc + E;         // N*d adjoint continuation
+  float* hrow = hs + (size_t)bg * L * N * d;
+  const float* Wx = prm.Wx + (size_t)g * RK * d;
+  const bool act = tid < d;
+  const int c = tid;
+  for (int e = tid; e < E; e += blockDim.x) sacc[e] = 0.f;
+  float bias = 0.f, Dc = 0.f;
+  if (act) {
+    bias = prm.bias[g * d + c];
+    Dc = prm.D[g * d + c];
+    for (int n = 0; n < N; ++n) sg[n * d + c] = 0.f;
+  }
+  __syncthreads();
+  auto project = [&](int t, float& xc, size_t& o) {
+    const int pos = scan_pos_i(g, t, H, W, L);
+    o = ((size_t)b * L + pos) * C + (size_t)g * d + c;
+    xc = act ? to_f(u[o]) : 0.f;
+    if (act) sx[c] = xc;
+    __syncthreads();
+    for (int k = tid; k < RK; k += blockDim.x) {
+      float acc = 0.f;
+      for (int cc = 0; cc < d; ++cc) acc = fmaf(Wx[k * d + cc], sx[cc], acc);
+      srow[k] = acc;
+    }
+    __syncthreads();
+  };
+  // pass 1: forward states after each step
+  for (int t = 0; t < L; ++t) {
+    float xc;
+    size_t o;
+    project(t, xc, o);
+    if (act) {
+      float zz = bias;
+      for (int r = 0; r < R; ++r) zz = fmaf(prm.Wdt[((size_t)g * d + c) * R + r], srow[r], zz);
+      const float delta = softplus_f(zz);
+      for (int n = 0; n < N; ++n) {
+        const float A = -__expf(prm.Alog[((size_t)g * d + c) * N + n]);
+        const float hp = t > 0 ? hrow[((size_t)(t - 1) * N + n) * d + c] : 0.f;
+        hrow[((size_t)t * N + n) * d + c] = fmaf(__expf(delta * A), hp, delta * srow[R + n] * xc);
+      }
+    }
+    __syncthreads();
+  }
+  // pass 2: reverse
+  for (int t = L - 1; t >= 0; --t) {
+    float xc;
+    size_t o;
+    project(t, xc, o);
+    float dxv = 0.f, dzv = 0.f, delta = 0.f;
+    if (act) {
+      const float dyv = to_f(dy_[o]);
+      float zz = bias;
+      for (int r = 0; r < R; ++r) zz = fmaf(prm.Wdt[((size_t)g * d + c) * R + r], srow[r], zz);
+      delta = softplus_f(zz);
+      float ddelta = 0.f;
+      for (int n = 0; n < N; ++n) {
+        const float A = -__expf(prm.Alog[((size_t)g * d + c) * N + n]);
+        const float a = __expf(delta * A);
+        const float hp = t > 0 ? hrow[((size_t)(t - 1) * N + n) * d + c] : 0.f;
+        const float h = hrow[((size_t)t * N + n) * d + c];
+        const float gg = fmaf(srow[R + N + n], dyv, sg[n * d + c]);
+        ddelta += gg * fmaf(srow[R + n], xc, hp * a * A);
+        sacc[(RK + R + 1) * d + c * N + n] += gg * hp * a * delta * A;  // dA_log = dA * A
+        dxv = fmaf(gg * delta, srow[R + n], dxv);
+        sred[(R + n) * d + c] = gg * delta * xc;
+        sred[(R + N + n) * d + c] = dyv * h;
+        sg[n * d + c] = a * gg;
+      }
+      dxv = fmaf(dyv, Dc, dxv);
+      sacc[(RK + R + 1 + N) * d + c] += dyv * xc;  // dD
+      dzv = ddelta * -expm1f(-delta);
+      sacc[(RK + R) * d + c] += dzv;  // dbias
+      for (int r = 0; r < R; ++r) {
+        sred[r * d + c] = prm.Wdt[((size_t)g * d + c) * R + r] * dzv;
+        sacc[RK * d + c * R + r] += dzv * srow[r];  // dWdt
+      }
+    }
+    __syncthreads();
+    for (int k = tid; k < RK; k += blockDim.x) {
+      float acc = 0.f;
+      for (int cc = 0; cc < d; ++cc) acc += sred[k * d + cc];
+      sdx[k] = acc;
+    }
+    __syncthreads();
+    if (act) {
+      for (int k = 0; k < RK; ++k) {
+        dxv = fmaf(Wx[k * d + c], sdx[k], dxv);
+        sacc[k * d + c] += sdx[k] * xc;
+      }
+      du[o] = from_f<T>(dxv);
+    }
+    __syncthreads();
+  }
+  for (int e = tid; e < E; e += blockDim.x) partial[(size_t)bg * E + e] = sacc[e];
+}
+
+// ================================ parameter-gradient reduction ===================================
+// partial: (B*4*nseg, E) rows, row (b*4+g)*nseg + s. Level 1 sums slices of `kSlice` rows of one group.
+constexpr int kSlice = 32;
+__global__ void reduce_level1(const float* __restrict__ partial, float* __restrict__ out, int B, int nseg, int E,
+                              int nsl) {
+  const int g = blockIdx.y, sl = blockIdx.x, rows = B * nseg;
+  const int r0 = sl * kSlice, r1 = min(rows, r0 + kSlice);
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    float acc = 0.f;
+    for (int r = r0; r < r1; ++r) {
+      const int bb = r / nseg, s = r % nseg;
+      acc += partial[((size_t)(bb * kGroups + g) * nseg + s) * E + e];
+    }
+    out[((size_t)g * nsl + sl) * E + e] = acc;
+  }
+}
+
+__global__ void reduce_level2(const float* __restrict__ l1, int nsl, int E, int d, int R, int N, float* dWx,
+                              float* dWdt, float* dbias, float* dAlog, float* dD) {
+  const int g = blockIdx.y, e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  float acc = 0.f;
+  for (int sl = 0; sl < nsl; ++sl) acc += l1[((size_t)g * nsl + sl) * E + e];
+  const int RK = R + 2 * N;
+  int o = e;
+  if (o < RK * d) { dWx[(size_t)g * RK * d + o] = acc; return; }
+  o -= RK * d;
+  if (o < d * R) { dWdt[(size_t)g * d * R + o] = acc; return; }
+  o -= d * R;
+  if (o < d) { dbias[g * d + o] = acc; return; }
+  o -= d;
+  if (o < d * N) { dAlog[(size_t)g * d * N + o] = acc; return; }
+  o -= d * N;
+  dD[g * d + o] = acc;
+}
+
+// ================================ host side ======================================================
+int next_pow2(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+struct FastPlan {
+  bool ok = false;
+  FastParams p{};
+  int threads = 0;
+  size_t smem = 0;
+  int nrec = 0;
+};
+
+// Segment = m whole chunks; threads = runs * cvp rounded up to whole warps.
+FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, bool backward) {
+  FastPlan pl;
+  if (s.N != 1 || s.d > 32 * kCPT || chunk % 4 != 0 || chunk > (int64_t)1 << 20) return pl;
+  FastParams& p = pl.p;
+  p.B = (int)s.B; p.H = (int)s.H; p.W = (int)s.W; p.C = (int)s.C; p.d = (int)s.d; p.R = (int)s.R;
+  p.L = (int)s.L; p.chunk = (int)chunk; p.nch = (int)num_chunks(s.L, chunk);
+  p.cvp = next_pow2((p.d + kCPT - 1) / kCPT);
+  const int max_steps = (max_threads / p.cvp) * K;
+  if (p.chunk > max_steps) return pl;
+  const int m_max = max_steps / p.chunk;
+  p.nseg = (p.nch + m_max - 1) / m_max;
+  p.m = (p.nch + p.nseg - 1) / p.nseg;
+  p.nseg = (p.nch + p.m - 1) / p.m;
+  p.Ls = p.m * p.chunk;
+  p.NR = p.Ls / K;
+  pl.threads = ((p.NR * p.cvp + 31) / 32) * 32;
+  const int d = p.d, R = p.R, RK = R + 2;
+  size_t fl = (size_t)RK * d + (size_t)d * R + 3 * d;
+  if (!backward) {
+    fl += 2 * (size_t)p.NR * d;
+  } else {
+    p.E = (2 * R + 5) * d;
+    fl += 3 * (size_t)p.NR * d + (size_t)p.Ls * R + (size_t)p.Ls * RK;
+    p.RB = std::max(1, std::min(p.NR, (int)(kRedBudget / (4 * p.E))));
+    fl += (size_t)p.RB * p.E;
+  }
+  pl.smem = fl * sizeof(float);
+  if (pl.smem > 200 * 1024) return pl;
+  pl.nrec = p.B * kGroups * p.nseg;
+  pl.ok = true;
+  return pl;
+}
+
+template <typename Fn>
+void dispatch_type(at::ScalarType st, Fn&& fn) {
+  switch (st) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(__nv_bfloat16{}); break;
+    case at::kHalf: fn(__half{}); break;
+    default: TORCH_CHECK(false, "groupmamba scan (CUDA): u must be float32, bfloat16 or float16, got ", st);
+  }
+}
+
+template <typename T>
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % (kCPT * sizeof(T))) == 0; }
+
+ParamPtrs param_ptrs(const at::Tensor& Wx, const at::Tensor& Wdt, const at::Tensor& bias, const at::Tensor& Alog,
+                     const at::Tensor& D) {
+  return ParamPtrs{Wx.data_ptr<float>(), Wdt.data_ptr<float>(), bias.data_ptr<float>(), Alog.data_ptr<float>(),
+                   D.data_ptr<float>()};
+}
+
+void check_cuda_inputs(const at::Tensor& u, const ScanDims& s, int64_t chunk) {
+  TORCH_CHECK(u.is_cuda(), "groupmamba scan (CUDA): u must be a CUDA tensor");
+  TORCH_CHECK(u.scalar_type() != at::kDouble,
+              "groupmamba scan (CUDA): float64 is not supported on CUDA; use float32, bfloat16 or float16 "
+              "(the float64 reference runs on CPU)");
+  TORCH_CHECK(chunk >= 1, "groupmamba scan: chunk must be >= 1, got ", chunk);
+  TORCH_CHECK(s.d <= 1024, "groupmamba scan (CUDA): d = C/4 must be <= 1024, got ", s.d);
+  TORCH_CHECK(s.B * s.L * s.C < ((int64_t)1 << 31) * 8, "groupmamba scan (CUDA): tensor too large");
+}
+
+std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u_, const at::Tensor& Wx_, const at::Tensor& Wdt_,
+                                                 const at::Tensor& bias_, const at::Tensor& Alog_,
+                                                 const at::Tensor& D_, int64_t chunk) {
+  const ScanDims s = check_scan_inputs(u_, Wx_, Wdt_, bias_, Alog_, D_);
+  check_cuda_inputs(u_, s, chunk);
+  c10::cuda::CUDAGuard guard(u_.device());
+  const at::Tensor u = u_.contiguous(), Wx = Wx_.contiguous(), Wdt = Wdt_.contiguous(), bias = bias_.contiguous(),
+                   Alog = Alog_.contiguous(), D = D_.contiguous();
+  const int64_t nch = num_chunks(s.L, chunk);
+  at::Tensor y = at::empty_like(u);
+  at::Tensor states = at::empty({s.B, kGroups, nch, s.d, s.N}, u.options().dtype(at::kFloat));
+  if (s.B == 0 || s.L == 0) return {y, states};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const ParamPtrs prm = param_ptrs(Wx, Wdt, bias, Alog, D);
+  FastPlan pl = plan_fast(s, chunk, kKF, 256, false);
+  if (!pl.ok) pl = plan_fast(s, chunk, kKF, kMaxThreadsF, false);
+  dispatch_type(u.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* up = reinterpret_cast<const T*>(u.data_ptr());
+    T* yp = reinterpret_cast<T*>(y.data_ptr());
+    if (pl.ok) {
+      at::Tensor ws = at::empty({(int64_t)pl.nrec * s.d * 3}, u.options().dtype(at::kFloat));
+      at::Tensor fl = at::zeros({(int64_t)pl.nrec * s.d + 1}, u.options().dtype(at::kInt));
+      unsigned* flags = reinterpret_cast<unsigned*>(fl.data_ptr<int>());
+      LookBack lb{ws.data_ptr<float>(), ws.data_ptr<float>() + (size_t)pl.nrec * s.d * 2, flags,
+                  flags + (size_t)pl.nrec * s.d};
+      const bool vec = s.d % kCPT == 0 && aligned16<T>(up) && aligned16<T>(yp);
+      auto kern = vec ? fwd_fast_kernel<T, kCPT, kKF> : fwd_fast_kernel<T, 1, kKF>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem));
+      kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, up, yp, states.data_ptr<float>(), prm, lb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const int threads = (int)((s.d + 31) / 32 * 32);
+      const size_t smem = (s.d + (s.R + 2 * s.N) + s.N * s.d) * sizeof(float);
+      TORCH_CHECK(smem <= 200 * 1024, "groupmamba scan (CUDA): N*d too large for the generic kernel");
+      auto kern = fwd_generic_kernel<T>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      kern<<<(unsigned)(s.B * kGroups), threads, smem, stream>>>(up, yp, states.data_ptr<float>(), prm, (int)s.B,
+                                                                  (int)s.H, (int)s.W, (int)s.d, (int)s.R, (int)s.N,
+                                                                  (int)chunk, (int)nch);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {y, states};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd_cuda(
+    const at::Tensor& dy_, const at::Tensor& u_, const at::Tensor& Wx_, const at::Tensor& Wdt_,
+    const at::Tensor& bias_, const at::Tensor& Alog_, const at::Tensor& D_, const at::Tensor& states_,
+    int64_t chunk) {
+  const ScanDims s = check_scan_inputs(u_, Wx_, Wdt_, bias_, Alog_, D_);
+  check_cuda_inputs(u_, s, chunk);
+  TORCH_CHECK(dy_.sizes() == u_.sizes() && dy_.scalar_type() == u_.scalar_type() && dy_.device() == u_.device(),
+              "groupmamba scan_bwd: grad_y must match u in shape, dtype and device (grad_y ", dy_.sizes(), " ",
+              dy_.scalar_type(), ", u ", u_.sizes(), " ", u_.scalar_type(), ")");
+  const int64_t nch = num_chunks(s.L, chunk);
+  TORCH_CHECK(states_.dim() == 5 && states_.size(0) == s.B && states_.size(1) == kGroups && states_.size(2) == nch &&
+                  states_.size(3) == s.d && states_.size(4) == s.N && states_.scalar_type() == at::kFloat &&
+                  states_.device() == u_.device(),
+              "groupmamba scan_bwd: states must be float32 (B, 4, ceil(L/chunk)=", nch, ", d, N), got ",
+              states_.sizes(), " ", states_.scalar_type());
+  c10::cuda::CUDAGuard guard(u_.device());
+  const at::Tensor u = u_.contiguous(), dy = dy_.contiguous(), Wx = Wx_.contiguous(), Wdt = Wdt_.contiguous(),
+                   bias = bias_.contiguous(), Alog = Alog_.contiguous(), D = D_.contiguous(),
+                   states = states_.contiguous();
+  at::Tensor du = at::empty_like(u);
+  at::Tensor dWx = at::zeros_like(Wx), dWdt = at::zeros_like(Wdt), dbias = at::zeros_like(bias),
+             dAlog = at::zeros_like(Alog), dD = at::zeros_like(D);
+  if (s.B == 0 || s.L == 0) return {du, dWx, dWdt, dbias, dAlog, dD};
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const ParamPtrs prm = param_ptrs(Wx, Wdt, bias, Alog, D);
+  const int E = (int)((s.R + 2 * s.N) * s.d + s.d * s.R + s.d + s.d * s.N + s.d);
+  FastPlan pl = plan_fast(s, chunk, kKB, 256, true);
+  if (!pl.ok) pl = plan_fast(s, chunk, kKB, kMaxThreadsB, true);
+  int nseg = 1;
+  at::Tensor partial;
+  dispatch_type(u.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* up = reinterpret_cast<const T*>(u.data_ptr());
+    const T* dyp = reinterpret_cast<const T*>(dy.data_ptr());
+    T* dup = reinterpret_cast<T*>(du.data_ptr());
+    if (pl.ok) {
+      nseg = pl.p.nseg;
+      partial = at::empty({(int64_t)pl.nrec, E}, u.options().dtype(at::kFloat));
+      at::Tensor ws = at::empty({(int64_t)pl.nrec * s.d * 3}, u.options().dtype(at::kFloat));
+      at::Tensor fl = at::zeros({(int64_t)pl.nrec * s.d + 1}, u.options().dtype(at::kInt));
+      unsigned* flags = reinterpret_cast<unsigned*>(fl.data_ptr<int>());
+      LookBack lb{ws.data_ptr<float>(), ws.data_ptr<float>() + (size_t)pl.nrec * s.d * 2, flags,
+                  flags + (size_t)pl.nrec * s.d};
+      const bool vec = s.d % kCPT == 0 && aligned16<T>(up) && aligned16<T>(dyp) && aligned16<T>(dup);
+      auto kern = vec ? bwd_fast_kernel<T, kCPT, kKB> : bwd_fast_kernel<T, 1, kKB>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem));
+      kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, dyp, up, dup, states.data_ptr<float>(), prm, lb,
+                                                     partial.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      partial = at::empty({s.B * kGroups, E}, u.options().dtype(at::kFloat));
+      at::Tensor hs = at::empty({s.B * kGroups * s.L * s.N * s.d}, u.options().dtype(at::kFloat));
+      const int threads = (int)((s.d + 31) / 32 * 32);
+      const int RK = (int)(s.R + 2 * s.N);
+      const size_t smem = (s.d + 2 * RK + RK * s.d + E + s.N * s.d) * sizeof(float);
+      TORCH_CHECK(smem <= 200 * 1024, "groupmamba scan (CUDA): parameters too large for the generic kernel");
+      auto kern = bwd_generic_kernel<T>;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      kern<<<(unsigned)(s.B * kGroups), threads, smem, stream>>>(dyp, up, dup, prm, hs.data_ptr<float>(),
+                                                                  partial.data_ptr<float>(), (int)s.B, (int)s.H,
+                                                                  (int)s.W, (int)s.d, (int)s.R, (int)s.N, E);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  const int rows = (int)s.B * nseg;
+  const int nsl = (rows + kSlice - 1) / kSlice;
+  at::Tensor l1 = at::empty({kGroups, nsl, E}, u.options().dtype(at::kFloat));
+  reduce_level1<<<dim3(nsl, kGroups), 256, 0, stream>>>(partial.data_ptr<float>(), l1.data_ptr<float>(), (int)s.B,
+                                                         nseg, E, nsl);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  reduce_level2<<<dim3((E + 255) / 256, kGroups), 256, 0, stream>>>(
+      l1.data_ptr<float>(), nsl, E, (int)s.d, (int)s.R, (int)s.N, dWx.data_ptr<float>(), dWdt.data_ptr<float>(),
+      dbias.data_ptr<float>(), dAlog.data_ptr<float>(), dD.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {du, dWx, dWdt, dbias, dAlog, dD};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(groupmamba, CUDA, m) {
+  m.impl("scan_fwd", &scan_fwd_cuda);
+  m.impl("scan_bwd", &scan_bwd_cuda);
+}
+
+}  // namespace groupmamba
