@@ -9,3 +9,5 @@ timm registration), ``groupmamba.train`` (ImageNet training and evaluation).
 __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401
+from .models import (create_model, groupmamba_base, groupmamba_demo, groupmamba_small,  # noqa: E402,F401
+                     groupmamba_tiny, list_models)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole product on a GPU machine, in one script: build, every GPU test, model throughput, a short
+# training run (1 GPU, then 2-GPU DDP when two GPUs are visible). Logs go to $OUT (default ./device_out).
+#   STEPS="build tests models train"   which steps to run (default: all, in this order)
+# Kernel-level benchmarks have their own scripts: device_scan.sh, device_modulation.sh.
+set -u -o pipefail
+OUT=${OUT:-$PWD/device_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
+PY=${PYTHON:-python3}
+SRC=$PWD
+RUN_STEPS=${RUN_STEPS:-"build tests models train"}
+status=0
+has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
+
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/env.log"
+$PY -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)" 2>&1 | tee -a "$OUT/env.log"
+
+if has build; then
+  t0=$(date +%s)
+  if ! $PY -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s"
+fi
+
+cd /tmp  # import the installed package, not the source tree
+if has tests; then
+  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -m gpu -q -p no:cacheprovider --rootdir "$SRC" "$SRC/tests" 2>&1 \
+    | tee "$OUT/pytest_gpu.log" | tail -25 || status=1
+fi
+if has models; then
+  timeout ${MODELS_TIMEOUT:-240} $PY "$SRC/benchmarks/bench_models.py" ${MODEL_BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_models.log" | tail -40 || status=1
+fi
+if has train; then
+  (cd "$SRC" && OUT="$OUT" timeout ${TRAIN_TIMEOUT:-300} bash benchmarks/device_train.sh) || status=1
+fi
+exit $status

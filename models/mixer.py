@@ -1,0 +1,212 @@
+"""The GroupMamba token mixer: four grouped visual state-space branches plus channel modulation.
+
+``GroupMambaLayer`` keeps the official parameters and names (``mamba_g1..4`` with ``in_proj``,
+``conv2d``, ``x_proj_weight``, ``dt_projs_weight``, ``dt_projs_bias``, ``A_logs``, ``Ds``, ``out_norm``,
+``out_proj``; ``fc1``, ``fc2``, ``norm``, ``proj``, ``skip_scale``) but runs the four groups together:
+
+    xn, pooled = LayerNorm(x), mean_L(LayerNorm(x))            layernorm_pool
+    s          = sigmoid(fc2(relu(fc1(pooled))))               channel attention
+    x, z       = grouped in_proj(xn)                           one GEMM each (block-diagonal or bmm)
+    u          = SiLU(depthwise 3x3 conv over all 4d channels)
+    y          = grouped_scan(u, ...)                          all four directions in one call
+    y          = per-group LayerNorm(y) * SiLU(z)              stacked out_norm weights
+    y          = grouped out_proj(y)
+    out        = proj(LayerNorm(y * skip_scale * xn * s))      modulate_layernorm (same LayerNorm as xn)
+
+``fused=False`` runs the same math the way the official code does (one SS2D branch after another,
+flip/transpose copies via ``grouped_scan_naive``); it is the unfused baseline of the benchmarks.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from groupmamba.ops import grouped_scan, grouped_scan_naive, layernorm_pool, modulate_layernorm
+
+from .layers import layer_norm_stacked
+
+GROUPS = 4
+PROJ_IMPLS = ("auto", "blockdiag", "bmm")
+
+
+def block_diagonal(w: torch.Tensor) -> torch.Tensor:
+    """(*lead, G, o, i) -> (*lead, G*o, G*i) block-diagonal matrices (two kernels, differentiable)."""
+    *lead, G, o, i = w.shape
+    out = w.new_zeros(*lead, G, o, G, i)
+    out.diagonal(dim1=-4, dim2=-2).copy_(w.movedim(-3, -1))
+    return out.reshape(*lead, G * o, G * i)
+
+
+def grouped_linear_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (..., G*i), w (G, o, i) -> (G, M, o) with M = numel / (G*i): group g maps x's g-th chunk."""
+    G, o, i = w.shape
+    xs = x.reshape(-1, G, i).transpose(0, 1)
+    return torch.bmm(xs, w.transpose(1, 2))
+
+
+def ungroup(y: torch.Tensor, shape) -> torch.Tensor:
+    """(G, M, o) -> (*shape, G*o): groups back onto the channel axis (one copy)."""
+    return y.transpose(0, 1).reshape(*shape, -1)
+
+
+class GroupSS2D(nn.Module):
+    """Parameters of one group's SS2D branch (official names and shapes, one scan direction).
+
+    d_model = d_inner = d (ssm ratio 1), dt_rank R = ceil(d / 16), d_state N.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 1, ssm_ratio: float = 1.0, d_conv: int = 3,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4):
+        super().__init__()
+        d_inner = int(ssm_ratio * d_model)
+        if d_inner != d_model:
+            raise ValueError("GroupMamba uses ssm_ratio=1 (d_inner == d_model)")
+        if d_conv != 3:
+            raise ValueError("GroupMamba uses a 3x3 depthwise convolution (d_conv=3)")
+        R = math.ceil(d_model / 16)
+        self.d, self.d_state, self.dt_rank = d_inner, d_state, R
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
+        self.act = nn.SiLU()
+        # x_proj: (1, R + 2N, d), initialised like nn.Linear(d, R + 2N, bias=False)
+        bound = 1.0 / math.sqrt(d_inner)
+        self.x_proj_weight = nn.Parameter(torch.empty(1, R + 2 * d_state, d_inner).uniform_(-bound, bound))
+        # dt projection: uniform weights, bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max]
+        std = R ** -0.5
+        self.dt_projs_weight = nn.Parameter(torch.empty(1, d_inner, R).uniform_(-std, std))
+        dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        self.dt_projs_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt)))[None])
+        # S4D-real A (A = -exp(A_logs) = -[1..N]) and D = 1
+        self.A_logs = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.Ds = nn.Parameter(torch.ones(d_inner))
+        self.out_norm = nn.LayerNorm(d_inner)  # default eps (1e-5), as in the official code
+        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        for p in (self.A_logs, self.Ds):
+            p._no_weight_decay = True
+
+
+def _scan_params(groups, dtype_like: torch.Tensor):
+    """The four groups' scan parameters stacked to grouped_scan's (4, ...) layout."""
+    params = (
+        torch.cat([g.x_proj_weight for g in groups]),     # (4, R+2N, d)
+        torch.cat([g.dt_projs_weight for g in groups]),   # (4, d, R)
+        torch.cat([g.dt_projs_bias for g in groups]),     # (4, d)
+        torch.stack([g.A_logs for g in groups]),          # (4, d, N)
+        torch.stack([g.Ds for g in groups]),              # (4, d)
+    )
+    want = torch.float64 if dtype_like.dtype == torch.float64 else torch.float32
+    return tuple(p if p.dtype == want else p.to(want) for p in params)
+
+
+class GroupMambaLayer(nn.Module):
+    """Grouped Mamba mixer with channel affinity modulation (the official GroupMambaLayer).
+
+    forward(x (B, L, C), H, W) -> (B, L, C). ``fused`` picks the batched fast path (default) or the
+    official-style per-group path; ``proj_impl`` picks how the grouped in/out projections run:
+    ``blockdiag`` (one dense GEMM with a block-diagonal weight: no layout copies, 4x the MACs),
+    ``bmm`` (a batched GEMM over groups: exact MACs, two layout copies) or ``auto`` (block-diagonal
+    on CUDA for d <= 64, bmm otherwise).
+    """
+
+    def __init__(self, dim: int, out_dim: int | None = None, d_state: int = 1, d_conv: int = 3,
+                 expand: float = 1.0, reduction: int = 16, fused: bool = True, proj_impl: str = "auto"):
+        super().__init__()
+        out_dim = out_dim or dim
+        if dim % GROUPS:
+            raise ValueError(f"GroupMambaLayer: dim={dim} must be divisible by {GROUPS}")
+        if out_dim != dim:
+            raise ValueError("the channel modulation multiplies by xn, so out_dim must equal dim")
+        if proj_impl not in PROJ_IMPLS:
+            raise ValueError(f"proj_impl must be one of {PROJ_IMPLS}, got {proj_impl!r}")
+        self.dim, self.out_dim = dim, out_dim
+        self.fused, self.proj_impl = fused, proj_impl
+        reduced = dim // reduction
+        self.fc1 = nn.Linear(dim, reduced, bias=True)
+        self.fc2 = nn.Linear(reduced, out_dim, bias=True)
+        self.relu = nn.ReLU()
+        self.sigmoid = nn.Sigmoid()
+        self.norm = nn.LayerNorm(dim)  # default eps (1e-5), as in the official code
+        d = dim // GROUPS
+        self.mamba_g1 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
+        self.mamba_g2 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
+        self.mamba_g3 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
+        self.mamba_g4 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
+        self.proj = nn.Linear(dim, out_dim)
+        self.skip_scale = nn.Parameter(torch.ones(1))
+
+    @property
+    def groups(self):
+        return (self.mamba_g1, self.mamba_g2, self.mamba_g3, self.mamba_g4)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if x.dtype == torch.float16:  # the official layer computes in float32 for float16 inputs
+            x = x.float()
+        B, L, C = x.shape
+        norm = self.norm
+        if self.fused:
+            xn, pooled = layernorm_pool(x, norm.weight, norm.bias, norm.eps)
+        else:
+            xn = norm(x)
+            pooled = xn.mean(dim=1)
+        s = self.sigmoid(self.fc2(self.relu(self.fc1(pooled))))
+        xmap = xn.view(B, H, W, C)
+        y = self._mix_fused(xmap) if self.fused else self._mix_unfused(xmap)
+        y = y.reshape(B, L, C)
+        if self.fused:
+            y = modulate_layernorm(y, xn, s, self.skip_scale, norm.weight, norm.bias, norm.eps)
+        else:
+            y = norm(y * self.skip_scale * xn * s.unsqueeze(1))
+        return self.proj(y)
+
+    def _use_blockdiag(self, x: torch.Tensor) -> bool:
+        if self.proj_impl == "auto":
+            return x.is_cuda and self.dim // GROUPS <= 64
+        return self.proj_impl == "blockdiag"
+
+    def _mix_fused(self, xn: torch.Tensor) -> torch.Tensor:
+        """xn (B, H, W, C) -> the four groups' SS2D outputs concatenated, (B, H, W, C)."""
+        groups = self.groups
+        B, H, W, C = xn.shape
+        d = C // GROUPS
+        lead = (B, H, W)
+        w_in = torch.stack([g.in_proj.weight for g in groups])          # (4, 2d, d): rows [x | z]
+        w_out = torch.stack([g.out_proj.weight for g in groups])        # (4, d, d)
+        blockdiag = self._use_blockdiag(xn)
+        if blockdiag:
+            w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)
+            x, z = F.linear(xn, w_xz[0]), F.linear(xn, w_xz[1])
+        else:
+            xz = grouped_linear_bmm(xn, w_in)                           # (4, M, 2d)
+            x, z = ungroup(xz[..., :d], lead), ungroup(xz[..., d:], lead)
+        conv_w = torch.cat([g.conv2d.weight for g in groups])           # (C, 1, k, k)
+        conv_b = torch.cat([g.conv2d.bias for g in groups])
+        k = conv_w.shape[-1]
+        u = F.conv2d(x.permute(0, 3, 1, 2), conv_w, conv_b, padding=k // 2, groups=C)
+        u = F.silu(u.permute(0, 2, 3, 1))
+        y = grouped_scan(u, *_scan_params(groups, u))                   # (B, H, W, C)
+        norm_w = torch.stack([g.out_norm.weight for g in groups])       # (4, d)
+        norm_b = torch.stack([g.out_norm.bias for g in groups])
+        y = layer_norm_stacked(y.view(B, H, W, GROUPS, d), norm_w, norm_b, groups[0].out_norm.eps)
+        y = (y * F.silu(z).view(B, H, W, GROUPS, d)).view(B, H, W, C)
+        if blockdiag:
+            return F.linear(y, block_diagonal(w_out))
+        return ungroup(grouped_linear_bmm(y, w_out), lead)
+
+    def _mix_unfused(self, xn: torch.Tensor) -> torch.Tensor:
+        """Official-style: each group's SS2D one after another, scan via flip/transpose copies."""
+        groups = self.groups
+        us, zs = [], []
+        for g, xg in zip(groups, torch.chunk(xn, GROUPS, dim=-1)):
+            xg, zg = g.in_proj(xg).chunk(2, dim=-1)
+            zs.append(g.act(zg))
+            ug = g.act(g.conv2d(xg.permute(0, 3, 1, 2).contiguous()))
+            us.append(ug.permute(0, 2, 3, 1))
+        ys = grouped_scan_naive(torch.cat(us, dim=-1), *_scan_params(groups, us[0]))
+        outs = [g.out_proj(g.out_norm(yg) * zg) for g, yg, zg in zip(groups, torch.chunk(ys, GROUPS, dim=-1), zs)]
+        return torch.cat(outs, dim=-1)
