@@ -68,7 +68,7 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
     model = create_model(name, num_classes=1000, proj_impl=args.proj_impl).to(device)
     _set_path(model, path)
     baseline = path in BASELINES
-    warmup = 1 if baseline else args.warmup
+    warmup = args.baseline_warmup if baseline else args.warmup
     iters = args.baseline_iters if baseline else args.iters
     img = args.img
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[mode.split("_")[1]]
@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-iters", type=int, default=2)
     ap.add_argument("--baseline-seconds", type=float, default=20.0, help="cap per baseline measurement")
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help=f"comma list of {BASELINES}")
+    ap.add_argument("--baseline-warmup", type=int, default=1)
     ap.add_argument("--modes", default=None,
                     help="comma list of train_{bf16,fp16,fp32}, infer_{bf16,fp16,fp32} "
                          "(default CUDA: train_bf16,train_fp16,infer_bf16; CPU: train_fp32,infer_fp32)")
@@ -165,7 +167,11 @@ def main(argv=None) -> int:
     rows = []
     t0 = time.perf_counter()
     for i, name in enumerate(models):
-        paths = ["fast"] + ([] if args.no_baseline or i > 0 else list(BASELINES))
+        baselines = [b for b in args.baselines.split(",") if b]
+        unknown = set(baselines) - set(BASELINES)
+        if unknown:
+            ap.error(f"unknown baselines {sorted(unknown)}; choose from {BASELINES}")
+        paths = ["fast"] + ([] if args.no_baseline or i > 0 else baselines)
         for path in paths:
             for mode in modes:
                 if path in BASELINES and mode == "train_fp16":
