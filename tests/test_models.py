@@ -647,15 +647,17 @@ def test_gpu_eval_matches_official_restatement(cuda_tiny, no_tf32):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_autocast_finite(dtype):
+    # No GradScaler: its large initial scale may overflow fp16 gradients on purpose (it then skips the
+    # step); here we want the model's own forward and backward to stay finite under autocast.
     model = create_model("groupmamba_tiny").cuda().train()
     x = torch.randn(4, 3, 224, 224, device="cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     with torch.autocast("cuda", dtype=dtype):
         h, dh = model(x)
         loss = F.cross_entropy(h, torch.zeros(4, dtype=torch.long, device="cuda")) + dh.float().mean()
     assert torch.isfinite(h).all() and torch.isfinite(dh).all()
-    scaler.scale(loss).backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    loss.backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients under {dtype} autocast: {bad[:10]}"
 
 
 @pytest.mark.gpu
