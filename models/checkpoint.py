@@ -14,12 +14,14 @@ from typing import Dict, Iterable
 import torch
 import torch.nn as nn
 
+from groupmamba.atomic import atomic_write
+
 WRAPPER_KEYS = ("model", "state_dict", "model_state_dict")
 EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
 HEAD_PREFIXES = ("head.", "dist_head.")
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not match the model's."""
 
 
@@ -56,8 +58,9 @@ def unwrap_state_dict(obj, use_ema: bool = False, source: str = "checkpoint") ->
             raise CheckpointMismatchError(f"{source}: '{found}' does not hold a tensor state dict")
     else:
         raise CheckpointMismatchError(f"{source}: expected a dict, got {type(obj).__name__}")
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+    for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
     return dict(sd)
 
 
@@ -125,11 +128,11 @@ def load_checkpoint(model: nn.Module, path: str, use_ema: bool = False, drop_hea
 
 
 def save_state_dict(model: nn.Module, path: str) -> None:
-    """Writes the official-layout state dict (.safetensors by suffix, else torch.save)."""
+    """Writes the official-layout state dict atomically (.safetensors by suffix, else torch.save)."""
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if os.fspath(path).endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        save_file(sd, path)
+        atomic_write(path, lambda tmp: save_file(sd, tmp))
     else:
-        torch.save(sd, path)
+        atomic_write(path, lambda tmp: torch.save(sd, tmp))

@@ -316,7 +316,8 @@ def test_atomic_save_keeps_old_file_on_crash(tmp_path, monkeypatch):
     real_save = torch.save
 
     def crashing_save(obj, f, *a, **k):
-        f.write(b"partial garbage")
+        with open(f, "wb") as fh:  # atomic_save hands torch.save the temp file's path
+            fh.write(b"partial garbage")
         raise OSError("disk full (simulated crash mid-write)")
 
     monkeypatch.setattr(torch, "save", crashing_save)

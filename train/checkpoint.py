@@ -11,41 +11,20 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 
+from groupmamba.atomic import atomic_write
+from groupmamba.models.checkpoint import EMA_KEYS, unwrap_state_dict
+
 FORMAT = "groupmamba-train/1"
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: readers see the old or the new file,
-    never a partial one, even if the process dies mid-write."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # persist the rename itself
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    """torch.save through groupmamba.atomic.atomic_write: never a half-written checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load(path: str) -> dict:
@@ -93,23 +72,7 @@ def _py_state_from_plain(d):
 
 
 def extract_model_state(ckpt: dict, prefer_ema: bool = False) -> dict:
-    """Model weights from ours ({'model', 'model_ema'}), the official ({'model': ...} or flat) or DeiT-style files."""
-    if not isinstance(ckpt, dict):
-        raise ValueError("checkpoint is not a dict")
-    if prefer_ema:
-        for k in ("model_ema", "state_dict_ema"):
-            if isinstance(ckpt.get(k), dict):
-                return _strip(ckpt[k])
-    for k in ("model", "state_dict"):
-        if isinstance(ckpt.get(k), dict):
-            return _strip(ckpt[k])
-    if all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return _strip(ckpt)
-    raise ValueError("no model weights found in checkpoint (expected keys 'model'/'model_ema' or a flat state dict)")
-
-
-def _strip(sd: dict) -> dict:
-    for prefix in ("module.", "_orig_mod."):
-        if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    """Model weights from ours ({'model', 'model_ema'}), the official ({'model': ...} or flat) or DeiT-style
+    files; with prefer_ema, the EMA weights where the file has them."""
+    use_ema = prefer_ema and isinstance(ckpt, dict) and any(isinstance(ckpt.get(k), dict) for k in EMA_KEYS)
+    return unwrap_state_dict(ckpt, use_ema=use_ema)

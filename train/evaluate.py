@@ -82,10 +82,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
         model = groupmamba.create_model(name, checkpoint=args.checkpoint, num_classes=num_classes,
                                         distillation=distill, use_ema=used_ema)
     else:
+        from groupmamba.models import load_state_dict_strict
+
         model = create_student(name, num_classes, distillation=distill)
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        load_state_dict_strict(model, sd, source=args.checkpoint)
     model.to(info.device).eval()
     autocast, amp = autocast_factory(info.device, args.amp)
     pin = info.device.type == "cuda"

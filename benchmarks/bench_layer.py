@@ -1,0 +1,324 @@
+"""One whole GroupMambaLayer, forward and forward+backward, at every GroupMamba-T/S/B stage shape.
+
+    python benchmarks/bench_layer.py                          # CUDA, B=128, baseline on the T shapes
+    python benchmarks/bench_layer.py --breakdown              # + the fast path split into its ops
+    python benchmarks/bench_layer.py --baseline-shapes all    # baseline on every shape (slow)
+    python benchmarks/bench_layer.py --device cpu --quick     # smoke test (tiny shapes, < 60 s)
+
+The layer (models/mixer.py) is in/out projections, depthwise conv, the four-direction scan and the
+channel modulation. Two paths on the same weights: ``fast`` (fused=True, batched, native ops) and the
+official-style baseline (fused=False: per-group branches, Python loop over L in the scan). dtypes:
+``fp32``; ``bf16`` = float32 input and parameters under bf16 autocast (as in training, where the
+residual stream stays float32); ``bf16-pure`` = layer and input cast to bfloat16, no autocast.
+Forward is timed with autograd on (as in training); fwd+bwd includes the parameter gradients.
+CUDA times are CUDA-event medians (warm-up first); the baseline takes seconds at 56x56, so it runs
+--baseline-iters times (default 1) and only on --baseline-shapes. Shapes shared by T and S run once.
+Target (the issue): fast fwd+bwd < 1.5 ms and >= 10x faster than the baseline.
+Writes the report to $OUT/bench_layer.md (or --out) when set.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import groupmamba  # noqa: F401  (loads the native ops)
+from groupmamba import _native
+from groupmamba.models.layers import layer_norm_stacked
+from groupmamba.models.mixer import (GROUPS, GroupMambaLayer, _scan_params, block_diagonal,
+                                     grouped_linear_bmm, ungroup)
+from groupmamba.ops import grouped_scan, layernorm_pool, modulate_layernorm
+
+STAGES = {  # (H=W, dim) per stage
+    "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
+    "S": [(56, 64), (28, 128), (14, 348), (7, 512)],
+    "B": [(56, 96), (28, 192), (14, 424), (7, 512)],
+}
+QUICK_STAGES = {"Q": [(8, 32), (4, 64)]}
+DTYPES = ("fp32", "bf16", "bf16-pure")
+TARGET_MS, TARGET_SPEEDUP = 1.5, 10.0
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+
+def time_ms(fn, device, warmup: int, iters: int) -> float:
+    """Median milliseconds per call (CUDA events on CUDA, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    torch.cuda.synchronize(device)
+    events = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        events.append((s, e))
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time), 1 GiB on CUDA, 64 MiB on CPU."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 24)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=10)
+    return 2 * src.numel() * 4 / ms / 1e6
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+def make_case(dim: int, hw: int, batch: int, dtype: str, device):
+    """(layer, x, context factory) for one shape and dtype mode."""
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(dim).to(device)
+    x = torch.randn(batch, hw * hw, dim, device=device)
+    if dtype == "bf16-pure":
+        layer, x = layer.to(torch.bfloat16), x.to(torch.bfloat16)
+    x.requires_grad_(True)
+    amp = dtype == "bf16"
+
+    def ctx():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    return layer, x, ctx
+
+
+def fwd_bwd_fns(fn, inputs, params, ctx):
+    """(forward, forward+backward) closures for fn(*inputs) -> tensor or tuple of tensors."""
+    with ctx():
+        outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def fwd():
+        with ctx():
+            return fn(*inputs)
+
+    def fwd_bwd():
+        for t in list(inputs) + list(params):
+            t.grad = None
+        out = fwd()
+        torch.autograd.backward(out if isinstance(out, tuple) else (out,), grads)
+    return fwd, fwd_bwd
+
+
+# ---- the fast path, op by op (mirrors GroupMambaLayer.forward / _mix_fused) -------------------------
+
+def fast_parts(layer: GroupMambaLayer, H: int, W: int):
+    """[(name, fn)] whose chain x -> ... -> out is the fused layer; fn takes the named inputs."""
+    groups, norm = layer.groups, layer.norm
+    C = layer.dim
+    d = C // GROUPS
+
+    def in_proj(xn):
+        B = xn.shape[0]
+        xmap = xn.view(B, H, W, C)
+        w_in = torch.stack([g.in_proj.weight for g in groups])
+        if layer._use_blockdiag(xmap):
+            w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))
+            return F.linear(xmap, w_xz[0]), F.linear(xmap, w_xz[1])
+        xz = grouped_linear_bmm(xmap, w_in)
+        return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))
+
+    def conv_silu(xp):
+        w = torch.cat([g.conv2d.weight for g in groups])
+        b = torch.cat([g.conv2d.bias for g in groups])
+        u = F.conv2d(xp.permute(0, 3, 1, 2), w, b, padding=w.shape[-1] // 2, groups=C)
+        return F.silu(u.permute(0, 2, 3, 1))
+
+    def scan(u):
+        return grouped_scan(u, *_scan_params(groups, u))
+
+    def out_norm_gate(y, z):
+        B = y.shape[0]
+        nw = torch.stack([g.out_norm.weight for g in groups])
+        nb = torch.stack([g.out_norm.bias for g in groups])
+        y = layer_norm_stacked(y.view(B, H, W, GROUPS, d), nw, nb, groups[0].out_norm.eps)
+        return (y * F.silu(z).view(B, H, W, GROUPS, d)).view(B, H, W, C)
+
+    def out_proj(y):
+        w_out = torch.stack([g.out_proj.weight for g in groups])
+        if layer._use_blockdiag(y):
+            out = F.linear(y, block_diagonal(w_out))
+        else:
+            out = ungroup(grouped_linear_bmm(y, w_out), y.shape[:3])
+        return out.reshape(y.shape[0], H * W, C)
+
+    return [
+        ("layernorm_pool", lambda x: layernorm_pool(x, norm.weight, norm.bias, norm.eps), ["x"], ["xn", "pooled"]),
+        ("channel_attn (fc1/fc2)", lambda p: layer.sigmoid(layer.fc2(layer.relu(layer.fc1(p)))), ["pooled"], ["s"]),
+        ("in_proj", in_proj, ["xn"], ["xp", "z"]),
+        ("conv+silu", conv_silu, ["xp"], ["u"]),
+        ("grouped_scan", scan, ["u"], ["y"]),
+        ("out_norm*gate", out_norm_gate, ["y", "z"], ["yg"]),
+        ("out_proj", out_proj, ["yg"], ["ym"]),
+        ("modulate_layernorm", lambda ym, xn, s: modulate_layernorm(
+            ym, xn, s, layer.skip_scale, norm.weight, norm.bias, norm.eps), ["ym", "xn", "s"], ["m"]),
+        ("proj", layer.proj, ["m"], ["out"]),
+    ]
+
+
+def breakdown(layer, x, H, W, ctx, device, warmup, iters):
+    """[(part, fwd ms, fwd+bwd ms)] of the fast path, each op timed alone on detached inputs."""
+    params = list(layer.parameters())
+    vals = {"x": x.detach()}
+    rows = []
+    for name, fn, ins, outs in fast_parts(layer, H, W):
+        inputs = [vals[k].detach().requires_grad_(vals[k].is_floating_point()) for k in ins]
+        fwd, fb = fwd_bwd_fns(fn, inputs, params, ctx)
+        rows.append((name, time_ms(fwd, device, warmup, iters), time_ms(fb, device, warmup, iters)))
+        with torch.no_grad(), ctx():
+            res = fn(*inputs)
+        vals.update(zip(outs, res if isinstance(res, tuple) else (res,)))
+    with torch.no_grad(), ctx():
+        ref = layer(x, H, W)
+    err = (vals["out"].float() - ref.float()).abs().max().item()
+    return rows, err
+
+
+# ---- main -----------------------------------------------------------------------------------------
+
+def parse_baseline_shapes(spec: str, stages: dict) -> set:
+    """'T' / 'T,S' / 'all' / 'none' / 'B@56' -> set of (hw, dim)."""
+    spec = spec.strip()
+    if spec in ("", "none"):
+        return set()
+    if spec == "all":
+        return {s for v in stages.values() for s in v}
+    out = set()
+    for tok in spec.split(","):
+        model, _, hw = tok.partition("@")
+        if model not in stages:
+            raise SystemExit(f"--baseline-shapes: unknown model {model!r} (have {sorted(stages)})")
+        out |= {s for s in stages[model] if not hw or s[0] == int(hw)}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations; on CPU tiny shapes, B=2")
+    ap.add_argument("--models", default=None, help="comma list of T,S,B (default all; Q with --device cpu --quick)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help=f"comma list of {DTYPES}")
+    ap.add_argument("--batch", type=int, default=None, help="default 128 (2 on CPU --quick)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--baseline-shapes", default=None,
+                    help="where to time the official-style path: T | T,S | B@56 | all | none (default T)")
+    ap.add_argument("--baseline-iters", type=int, default=1)
+    ap.add_argument("--baseline-warmup", type=int, default=0)
+    ap.add_argument("--breakdown", action="store_true", help="time each op of the fast path separately")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cpu = device.type == "cpu"
+    if not cpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tiny = cpu and args.quick
+    stages = QUICK_STAGES if tiny else STAGES
+    models = (args.models or ",".join(stages)).split(",")
+    batch = args.batch or (2 if tiny else 128)
+    warmup = args.warmup if args.warmup is not None else (1 if cpu else (3 if args.quick else 10))
+    iters = args.iters or (3 if cpu else (10 if args.quick else 30))
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    if set(dtypes) - set(DTYPES):
+        ap.error(f"unknown dtypes {sorted(set(dtypes) - set(DTYPES))}; choose from {DTYPES}")
+    baseline = parse_baseline_shapes(args.baseline_shapes or ("Q" if tiny else "T"), stages)
+
+    shapes = {}  # (hw, dim) -> models using it, in first-seen order
+    for m in models:
+        for s in stages[m]:
+            shapes.setdefault(s, []).append(m)
+
+    name = torch.cuda.get_device_name(device) if not cpu else (platform.processor() or "cpu")
+    bw = copy_bandwidth_gbs(device)
+    header = (f"device: {name} | torch {torch.__version__} | native ops: {_native.native_available()} | "
+              f"B={batch} | warmup {warmup}, median of {iters} (baseline: {args.baseline_iters} it) | "
+              f"device-to-device copy {bw:.0f} GB/s")
+    print(header, flush=True)
+
+    rows, parts = [], []
+    t_start = time.perf_counter()
+    for (hw, dim), used_by in shapes.items():
+        shape = f"{'/'.join(used_by)} {dim}@{hw}x{hw}"
+        for dt in dtypes:
+            r = dict(shape=shape, dtype=dt)
+            try:
+                layer, x, ctx = make_case(dim, hw, batch, dt, device)
+                params = list(layer.parameters())
+                fn = lambda inp: layer(inp, hw, hw)  # noqa: E731
+                layer.fused = True
+                fwd, fb = fwd_bwd_fns(fn, [x], params, ctx)
+                r["fwd"] = time_ms(fwd, device, warmup, iters)
+                r["fb"] = time_ms(fb, device, warmup, iters)
+                if args.breakdown:
+                    prow, err = breakdown(layer, x, hw, hw, ctx, device, warmup, iters)
+                    parts.append((shape, dt, r["fb"], prow, err))
+                if (hw, dim) in baseline:
+                    layer.fused = False
+                    _, fb_ref = fwd_bwd_fns(fn, [x], params, ctx)
+                    r["base"] = time_ms(fb_ref, device, args.baseline_warmup, args.baseline_iters)
+            except torch.OutOfMemoryError:
+                r["error"] = "OOM"
+            except Exception as e:  # noqa: BLE001  (e.g. a dtype a backend rejects: report and go on)
+                r["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            layer = x = fwd = fb = None
+            if not cpu:
+                torch.cuda.empty_cache()
+            rows.append(r)
+            print(f"  {shape:16s} {dt:9s} " + (r["error"] if "error" in r else
+                  f"fwd {r['fwd']:8.3f} ms  fwd+bwd {r['fb']:8.3f} ms"
+                  + (f"  baseline {r['base']:9.1f} ms" if "base" in r else "")), flush=True)
+
+    table = ["| shape (models dim@HxW) | dtype | fast fwd ms | fast fwd+bwd ms | baseline fwd+bwd ms "
+             "| speed-up | target met |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            table.append(f"| {r['shape']} | {r['dtype']} | {r['error']} | | | | |")
+            continue
+        t_ok = r["fb"] < TARGET_MS
+        if "base" in r:
+            sp = r["base"] / r["fb"]
+            met = "yes" if t_ok and sp >= TARGET_SPEEDUP else \
+                f"no ({', '.join(w for w, ok in (('time', t_ok), ('speed-up', sp >= TARGET_SPEEDUP)) if not ok)})"
+            base, spd = f"{r['base']:.1f}", f"{sp:.1f}x"
+        else:
+            base, spd = "-", "-"
+            met = ("yes" if t_ok else "no") + " (time only; no baseline)"
+        table.append(f"| {r['shape']} | {r['dtype']} | {r['fwd']:.3f} | {r['fb']:.3f} | {base} | {spd} | {met} |")
+    lines = [header, "", f"Target: fast fwd+bwd < {TARGET_MS} ms and >= {TARGET_SPEEDUP:.0f}x the official-style "
+             "path (fused=False).", "", *table]
+    for shape, dt, whole, prow, err in parts:
+        total = sum(p[2] for p in prow)
+        lines += ["", f"### fast path by op: {shape}, {dt} (whole layer fwd+bwd {whole:.3f} ms; "
+                  f"sum of parts {total:.3f} ms; chain vs layer max |diff| {err:.2e})", "",
+                  "| op | fwd ms | fwd+bwd ms | share of sum |", "|---|---|---|---|"]
+        lines += [f"| {n} | {f:.3f} | {fb:.3f} | {100 * fb / total:.0f}% |" for n, f, fb in prow]
+    lines += ["", f"total wall time {time.perf_counter() - t_start:.0f} s"]
+    text = "\n".join(lines)
+    print("\n" + text)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_layer.md"), "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
