@@ -26,14 +26,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 import groupmamba  # noqa: F401  (loads the native ops)
 from groupmamba import _native
-from groupmamba.models.layers import layer_norm_stacked
-from groupmamba.models.mixer import (GROUPS, GroupMambaLayer, _scan_params, block_diagonal,
-                                     grouped_linear_bmm, ungroup)
-from groupmamba.ops import grouped_scan, layernorm_pool, modulate_layernorm
+from groupmamba.models.mixer import GroupMambaLayer
+from groupmamba.ops import layernorm_pool, modulate_layernorm
 
 STAGES = {  # (H=W, dim) per stage
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -118,52 +115,22 @@ def fwd_bwd_fns(fn, inputs, params, ctx):
 # ---- the fast path, op by op (mirrors GroupMambaLayer.forward / _mix_fused) -------------------------
 
 def fast_parts(layer: GroupMambaLayer, H: int, W: int):
-    """[(name, fn)] whose chain x -> ... -> out is the fused layer; fn takes the named inputs."""
-    groups, norm = layer.groups, layer.norm
-    C = layer.dim
-    d = C // GROUPS
+    """[(name, fn)] whose chain x -> ... -> out is the fused layer (GroupMambaLayer.forward's steps)."""
+    norm, C = layer.norm, layer.dim
 
     def in_proj(xn):
-        B = xn.shape[0]
-        xmap = xn.view(B, H, W, C)
-        w_in = torch.stack([g.in_proj.weight for g in groups])
-        if layer._use_blockdiag(xmap):
-            w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))
-            return F.linear(xmap, w_xz[0]), F.linear(xmap, w_xz[1])
-        xz = grouped_linear_bmm(xmap, w_in)
-        return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))
-
-    def conv_silu(xp):
-        w = torch.cat([g.conv2d.weight for g in groups])
-        b = torch.cat([g.conv2d.bias for g in groups])
-        u = F.conv2d(xp.permute(0, 3, 1, 2), w, b, padding=w.shape[-1] // 2, groups=C)
-        return F.silu(u.permute(0, 2, 3, 1))
-
-    def scan(u):
-        return grouped_scan(u, *_scan_params(groups, u))
-
-    def out_norm_gate(y, z):
-        B = y.shape[0]
-        nw = torch.stack([g.out_norm.weight for g in groups])
-        nb = torch.stack([g.out_norm.bias for g in groups])
-        y = layer_norm_stacked(y.view(B, H, W, GROUPS, d), nw, nb, groups[0].out_norm.eps)
-        return (y * F.silu(z).view(B, H, W, GROUPS, d)).view(B, H, W, C)
+        return layer.grouped_in_proj(xn.view(xn.shape[0], H, W, C))
 
     def out_proj(y):
-        w_out = torch.stack([g.out_proj.weight for g in groups])
-        if layer._use_blockdiag(y):
-            out = F.linear(y, block_diagonal(w_out))
-        else:
-            out = ungroup(grouped_linear_bmm(y, w_out), y.shape[:3])
-        return out.reshape(y.shape[0], H * W, C)
+        return layer.grouped_out_proj(y).reshape(y.shape[0], H * W, C)
 
     return [
         ("layernorm_pool", lambda x: layernorm_pool(x, norm.weight, norm.bias, norm.eps), ["x"], ["xn", "pooled"]),
         ("channel_attn (fc1/fc2)", lambda p: layer.sigmoid(layer.fc2(layer.relu(layer.fc1(p)))), ["pooled"], ["s"]),
         ("in_proj", in_proj, ["xn"], ["xp", "z"]),
-        ("conv+silu", conv_silu, ["xp"], ["u"]),
-        ("grouped_scan", scan, ["u"], ["y"]),
-        ("out_norm*gate", out_norm_gate, ["y", "z"], ["yg"]),
+        ("conv+silu", layer.conv_silu, ["xp"], ["u"]),
+        ("grouped_scan", layer.grouped_scan, ["u"], ["y"]),
+        ("out_norm*gate", layer.out_norm_gate, ["y", "z"], ["yg"]),
         ("out_proj", out_proj, ["yg"], ["ym"]),
         ("modulate_layernorm", lambda ym, xn, s: modulate_layernorm(
             ym, xn, s, layer.skip_scale, norm.weight, norm.bias, norm.eps), ["ym", "xn", "s"], ["m"]),
@@ -231,6 +198,8 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     tiny = cpu and args.quick
+    if tiny:
+        torch.set_num_threads(1)  # tiny ops: spinning OpenMP threads only add noise on a small CPU box
     stages = QUICK_STAGES if tiny else STAGES
     models = (args.models or ",".join(stages)).split(",")
     batch = args.batch or (2 if tiny else 128)

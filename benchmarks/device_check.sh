@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The whole product on a GPU machine, in one script: build, every GPU test, model throughput, a short
 # training run (1 GPU, then 2-GPU DDP when two GPUs are visible). Logs go to $OUT (default ./device_out).
-#   STEPS="build tests models train"   which steps to run (default: all, in this order)
+#   RUN_STEPS="build tests models train layer profile"   which steps to run (default: all, in this order)
+#   layer:   benchmarks/bench_layer.py (one GroupMambaLayer fwd/bwd at every stage shape vs the official-style
+#            path; LAYER_BENCH_ARGS, LAYER_TIMEOUT=200), profile: benchmarks/profile_model.py (torch.profiler of
+#            a T training and inference step; PROFILE_ARGS, PROFILE_TIMEOUT=120; trace_train.json.gz in $OUT)
 # Kernel-level benchmarks have their own scripts: device_scan.sh, device_modulation.sh.
 set -u -o pipefail
-OUT=${OUT:-$PWD/device_out}
+export OUT=${OUT:-$PWD/device_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 PY=${PYTHON:-python3}
 SRC=$PWD
-RUN_STEPS=${RUN_STEPS:-"build tests models train"}
+RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile"}
 status=0
 has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
 
@@ -35,5 +38,13 @@ if has models; then
 fi
 if has train; then
   (cd "$SRC" && OUT="$OUT" timeout ${TRAIN_TIMEOUT:-300} bash benchmarks/device_train.sh) || status=1
+fi
+if has layer; then
+  OUT="$OUT" timeout ${LAYER_TIMEOUT:-200} $PY "$SRC/benchmarks/bench_layer.py" ${LAYER_BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_layer.log" | tail -40 || status=1
+fi
+if has profile; then
+  OUT="$OUT" timeout ${PROFILE_TIMEOUT:-120} $PY "$SRC/benchmarks/profile_model.py" ${PROFILE_ARGS:-} 2>&1 \
+    | tee "$OUT/profile.log" | tail -70 || status=1
 fi
 exit $status

@@ -170,33 +170,52 @@ class GroupMambaLayer(nn.Module):
         return self.proj_impl == "blockdiag"
 
     def _mix_fused(self, xn: torch.Tensor) -> torch.Tensor:
-        """xn (B, H, W, C) -> the four groups' SS2D outputs concatenated, (B, H, W, C)."""
-        groups = self.groups
+        """xn (B, H, W, C) -> the four groups' SS2D outputs concatenated, (B, H, W, C).
+
+        Each step is a method of its own so benchmarks/bench_layer.py can time them one by one."""
+        x, z = self.grouped_in_proj(xn)
+        y = self.grouped_scan(self.conv_silu(x))
+        return self.grouped_out_proj(self.out_norm_gate(y, z))
+
+    def grouped_in_proj(self, xn: torch.Tensor):
+        """(B, H, W, C) -> x, z (B, H, W, C): every group's in_proj in one GEMM."""
         B, H, W, C = xn.shape
         d = C // GROUPS
-        lead = (B, H, W)
-        w_in = torch.stack([g.in_proj.weight for g in groups])          # (4, 2d, d): rows [x | z]
-        w_out = torch.stack([g.out_proj.weight for g in groups])        # (4, d, d)
-        blockdiag = self._use_blockdiag(xn)
-        if blockdiag:
+        w_in = torch.stack([g.in_proj.weight for g in self.groups])     # (4, 2d, d): rows [x | z]
+        if self._use_blockdiag(xn):
             w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)
-            x, z = F.linear(xn, w_xz[0]), F.linear(xn, w_xz[1])
-        else:
-            xz = grouped_linear_bmm(xn, w_in)                           # (4, M, 2d)
-            x, z = ungroup(xz[..., :d], lead), ungroup(xz[..., d:], lead)
-        conv_w = torch.cat([g.conv2d.weight for g in groups])           # (C, 1, k, k)
-        conv_b = torch.cat([g.conv2d.bias for g in groups])
-        k = conv_w.shape[-1]
-        u = F.conv2d(x.permute(0, 3, 1, 2), conv_w, conv_b, padding=k // 2, groups=C)
-        u = F.silu(u.permute(0, 2, 3, 1))
-        y = grouped_scan(u, *_scan_params(groups, u))                   # (B, H, W, C)
+            return F.linear(xn, w_xz[0]), F.linear(xn, w_xz[1])
+        xz = grouped_linear_bmm(xn, w_in)                               # (4, M, 2d)
+        return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))
+
+    def conv_silu(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(depthwise 3x3 conv) over all 4d channels at once (the groups' kernels concatenated)."""
+        C = x.shape[-1]
+        conv_w = torch.cat([g.conv2d.weight for g in self.groups])      # (C, 1, k, k)
+        conv_b = torch.cat([g.conv2d.bias for g in self.groups])
+        u = F.conv2d(x.permute(0, 3, 1, 2), conv_w, conv_b, padding=conv_w.shape[-1] // 2, groups=C)
+        return F.silu(u.permute(0, 2, 3, 1))
+
+    def grouped_scan(self, u: torch.Tensor) -> torch.Tensor:
+        """The four directional scans in one call, (B, H, W, C) -> (B, H, W, C)."""
+        return grouped_scan(u, *_scan_params(self.groups, u))
+
+    def out_norm_gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Per-group out_norm (one normalization, stacked weights) times SiLU(z)."""
+        B, H, W, C = y.shape
+        d = C // GROUPS
+        groups = self.groups
         norm_w = torch.stack([g.out_norm.weight for g in groups])       # (4, d)
         norm_b = torch.stack([g.out_norm.bias for g in groups])
         y = layer_norm_stacked(y.view(B, H, W, GROUPS, d), norm_w, norm_b, groups[0].out_norm.eps)
-        y = (y * F.silu(z).view(B, H, W, GROUPS, d)).view(B, H, W, C)
-        if blockdiag:
+        return (y * F.silu(z).view(B, H, W, GROUPS, d)).view(B, H, W, C)
+
+    def grouped_out_proj(self, y: torch.Tensor) -> torch.Tensor:
+        """Every group's out_proj in one GEMM, (B, H, W, C) -> (B, H, W, C)."""
+        w_out = torch.stack([g.out_proj.weight for g in self.groups])   # (4, d, d)
+        if self._use_blockdiag(y):
             return F.linear(y, block_diagonal(w_out))
-        return ungroup(grouped_linear_bmm(y, w_out), lead)
+        return ungroup(grouped_linear_bmm(y, w_out), y.shape[:3])
 
     def _mix_unfused(self, xn: torch.Tensor) -> torch.Tensor:
         """Official-style: each group's SS2D one after another, scan via flip/transpose copies."""

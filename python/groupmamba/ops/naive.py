@@ -48,7 +48,6 @@ def grouped_scan_naive(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, comp
     Like the official code it computes in float32 (pass float64 for tests).
     """
     B, H, W, C = u.shape
-    d = C // GROUPS
     N = A_log.shape[-1]
     R = x_proj_weight.shape[1] - 2 * N
     outs = []
