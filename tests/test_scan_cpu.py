@@ -346,3 +346,10 @@ def test_empty_map_and_batch():
         assert y.shape == ins[0].shape and states.shape[2] == -(-shape[1] * shape[2] // 4)
         for g, t in zip(grads, ins):
             assert g.shape == t.shape and torch.equal(g, torch.zeros_like(t))
+
+
+def test_reference_empty_map():
+    # The reference must accept what the kernels accept: an empty map gives an empty output.
+    from groupmamba.ops import grouped_scan_reference
+    _, ins = _seeded_inputs(2, 0, 3, 4, 1, dtype=torch.float32)
+    assert grouped_scan_reference(*ins).shape == ins[0].shape

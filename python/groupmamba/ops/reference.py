@@ -51,6 +51,8 @@ def grouped_scan_reference(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, 
     decay = torch.exp(delta[..., None] * A[None, :, None])               # (B, 4, L, d, N)
     drive = (delta * us)[..., None] * Bm[:, :, :, None, :]               # (B, 4, L, d, N)
 
+    if L == 0:  # an empty map: nothing to scan (torch.stack below needs at least one step)
+        return u.new_empty(u.shape)
     h = torch.zeros(B, GROUPS, d, N, dtype=compute_dtype, device=u.device)
     ys = []
     for t in range(L):
