@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -31,6 +29,8 @@ import groupmamba  # noqa: F401  (loads the native ops)
 from groupmamba import _native
 from groupmamba.models.mixer import GroupMambaLayer
 from groupmamba.ops import layernorm_pool, modulate_layernorm
+
+from benchutil import copy_bandwidth_gbs, device_name, time_ms
 
 STAGES = {  # (H=W, dim) per stage
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -43,38 +43,6 @@ TARGET_MS, TARGET_SPEEDUP = 1.5, 10.0
 
 
 # ---- timing ---------------------------------------------------------------------------------------
-
-def time_ms(fn, device, warmup: int, iters: int) -> float:
-    """Median milliseconds per call (CUDA events on CUDA, perf_counter on CPU)."""
-    for _ in range(warmup):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize(device)
-    events = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        events.append((s, e))
-    torch.cuda.synchronize(device)
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def copy_bandwidth_gbs(device) -> float:
-    """Device-to-device copy bandwidth (read + write bytes / time), 1 GiB on CUDA, 64 MiB on CPU."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 24)
-    src = torch.randn(n, device=device)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=10)
-    return 2 * src.numel() * 4 / ms / 1e6
-
 
 # ---- setup ----------------------------------------------------------------------------------------
 
@@ -215,7 +183,7 @@ def main(argv=None) -> int:
         for s in stages[m]:
             shapes.setdefault(s, []).append(m)
 
-    name = torch.cuda.get_device_name(device) if not cpu else (platform.processor() or "cpu")
+    name = device_name(device)
     bw = copy_bandwidth_gbs(device)
     header = (f"device: {name} | torch {torch.__version__} | native ops: {_native.native_available()} | "
               f"B={batch} | warmup {warmup}, median of {iters} (baseline: {args.baseline_iters} it) | "

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from benchutil import device_name  # benchmarks/ is on sys.path when run as a script
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
     import groupmamba
     from groupmamba import _native
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    gpu = device_name(device)
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
               f"native ops: {_native.native_available()} | img {args.img} | proj_impl {args.proj_impl}"
               f"{' | compiled' if args.compile else ''}")

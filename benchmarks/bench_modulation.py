@@ -25,18 +25,11 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 from groupmamba.ops import modulation as M  # noqa: E402  (installed, or PYTHONPATH: see device_modulation.sh)
 
+from benchutil import copy_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
+
 STAGES = [(3136, 64), (784, 128), (196, 348), (49, 448)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 28  # 1 GiB of fp32
-    a = torch.randn(n, device="cuda")
-    b = torch.empty_like(a)
-    t = do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    del a, b
-    return 2 * n * 4 / (t * 1e-3) / 1e9
 
 
 def make_sets(B, L, C, dt, n_sets):
@@ -114,7 +107,7 @@ def main():
     assert M.triton_available(), f"Triton kernels unavailable: {M._TRITON_ERROR}"
     torch.backends.cuda.matmul.allow_tf32 = False
     name = torch.cuda.get_device_name()
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth_gbs()
     head = (f"GPU: {name}; torch {torch.__version__}, triton {triton.__version__}; "
             f"device-to-device copy {copy_bw:.0f} GB/s (read+write); B={args.batch}; "
             f"tile config {M._tm.CONFIG}")

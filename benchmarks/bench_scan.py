@@ -25,6 +25,8 @@ from groupmamba import _native
 from groupmamba.ops import grouped_scan_naive
 from groupmamba.ops.scan import DEFAULT_CHUNK
 
+from benchutil import copy_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
+
 STAGES = {
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
     "S": [(56, 64), (28, 128), (14, 348), (7, 512)],
@@ -48,14 +50,6 @@ def do_bench(fn, warmup=25, rep=100):
             s.record(); fn(); e.record(); torch.cuda.synchronize()
             times.append(s.elapsed_time(e))
         return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth():
-    n = 1 << 28  # 1 GiB of fp32
-    src = torch.randn(n // 4, device="cuda")
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / ms / 1e6  # GB/s, read + write
 
 
 def make_inputs(H, C, dtype, seed):
@@ -83,7 +77,7 @@ def main():
     name = torch.cuda.get_device_name()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     print(f"GPU: {name}  (L2 {l2 / 2**20:.0f} MiB), torch {torch.__version__}, chunk {args.chunk}", flush=True)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth_gbs()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     fwd_op, bwd_op = torch.ops.groupmamba.scan_fwd, torch.ops.groupmamba.scan_bwd
     rows, naive_cache = [], {}

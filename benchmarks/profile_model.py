@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import platform
 import sys
 import time
 
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
+
+from benchutil import device_name  # benchmarks/ is on sys.path when run as a script
 
 MAX_TRACE_BYTES = 16 << 20
 LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     from groupmamba import _native
     from groupmamba.models import create_model
 
-    name = torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu")
+    name = device_name(device)
     header = (f"device: {name} | torch {torch.__version__} | native ops: {_native.native_available()} | "
               f"{model_name} {img}x{img} | {'bf16 autocast' if amp else 'fp32, no autocast'} | "
               f"train B={batches['train']} (AdamW{' fused' if cuda else ''}), infer B={batches['infer']}")

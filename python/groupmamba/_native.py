@@ -41,8 +41,13 @@ def native_available() -> bool:
     return _loaded
 
 
+_cuda_kernels: bool | None = None
+
+
 def cuda_kernels_available() -> bool:
-    """Whether the extension was compiled with its CUDA kernels."""
-    if not native_available():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("groupmamba::scan_fwd", "CUDA")
+    """Whether the extension was compiled with its CUDA kernels (asked once: every scan call checks)."""
+    global _cuda_kernels
+    if _cuda_kernels is None:
+        _cuda_kernels = native_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+            "groupmamba::scan_fwd", "CUDA")
+    return _cuda_kernels
