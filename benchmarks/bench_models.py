@@ -60,6 +60,7 @@ def _set_path(model, path: str):
     else:
         os.environ.pop("GROUPMAMBA_FORCE_REFERENCE", None)
     model.set_fused(path != "official-style")
+    model.set_ffn_recompute(path != "official-style")  # the official FFN keeps its activations
 
 
 def bench_one(name: str, path: str, mode: str, args, device) -> dict:
@@ -77,10 +78,13 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
+    # CUDA-graph trees reuse output memory across replays: each iteration must say a new step begins
+    cudagraphs = args.compile and not baseline and args.compile_mode == "reduce-overhead"
+    mark_step = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
     if mode.startswith("train"):
         B = args.train_batch
         model.train()
-        run = torch.compile(model) if args.compile and not baseline else model
+        run = torch.compile(model, mode=args.compile_mode) if args.compile and not baseline else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                 **({"fused": True} if device.type == "cuda" else {}))
         scaler = torch.amp.GradScaler(device.type, enabled=(mode == "train_fp16"))
@@ -88,6 +92,7 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
         y = torch.randint(0, 1000, (B,), device=device)
 
         def step():
+            mark_step()
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out, dist = run(x)
                 loss = 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
@@ -98,10 +103,11 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
     else:
         B = args.infer_batch
         model.eval()
-        run = torch.compile(model) if args.compile and not baseline else model
+        run = torch.compile(model, mode=args.compile_mode) if args.compile and not baseline else model
         x = torch.randn(B, 3, img, img, device=device)
 
         def step():
+            mark_step()
             with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                                         enabled=amp_dtype is not None):
                 run(x)
@@ -134,6 +140,8 @@ def main(argv=None) -> int:
                          "(default CUDA: train_bf16,train_fp16,infer_bf16; CPU: train_fp32,infer_fp32)")
     ap.add_argument("--proj-impl", default="auto", choices=("auto", "blockdiag", "bmm"))
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode (e.g. reduce-overhead: CUDA graphs, no per-kernel host launches)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
     gpu = device_name(device)
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
               f"native ops: {_native.native_available()} | img {args.img} | proj_impl {args.proj_impl}"
-              f"{' | compiled' if args.compile else ''}")
+              f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}")
     print(header, flush=True)
 
     rows = []

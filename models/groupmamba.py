@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ConvFFN, DownSample, FFN, Stem, init_weights, tokens_to_map
+from .layers import ConvFFN, DownSample, FFN, LayerNorm, Stem, init_weights, tokens_to_map
 from .mixer import GroupMambaLayer
 
 
@@ -40,15 +40,22 @@ def _nvtx_range(name: str):
         torch.cuda.nvtx.range_pop()
 
 
+def _feeds_linear(norm: nn.Module) -> nn.Module:
+    """Marks a norm whose output only feeds a Linear: under autocast it may return the autocast dtype."""
+    if isinstance(norm, LayerNorm):
+        norm.autocast_output = True
+    return norm
+
+
 class GroupMambaBlock(nn.Module):
     """x + GroupMambaLayer(x) (the layer normalises internally), then x + ConvFFN(norm2(x))."""
 
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0, norm_layer=nn.LayerNorm,
-                 fused: bool = True, proj_impl: str = "auto"):
+                 fused: bool = True, proj_impl: str = "auto", ffn_recompute: bool = True):
         super().__init__()
-        self.norm2 = norm_layer(dim)
+        self.norm2 = _feeds_linear(norm_layer(dim))
         self.attn = GroupMambaLayer(dim, dim, fused=fused, proj_impl=proj_impl)
-        self.mlp = ConvFFN(dim, int(dim * mlp_ratio))
+        self.mlp = ConvFFN(dim, int(dim * mlp_ratio), recompute=ffn_recompute)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -67,7 +74,7 @@ class ClassBlock(nn.Module):
                  proj_impl: str = "auto"):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.norm2 = norm_layer(dim)
+        self.norm2 = _feeds_linear(norm_layer(dim))
         self.attn = GroupMambaLayer(dim, dim, fused=fused, proj_impl=proj_impl)
         self.mlp = FFN(dim, int(dim * mlp_ratio))
 
@@ -83,6 +90,8 @@ class GroupMamba(nn.Module):
         fused: batched fast path (True) or official-style per-group path (False), for every mixer.
         proj_impl: grouped projection kernel, see GroupMambaLayer.
         grad_checkpointing: recompute each block in the backward pass to save activation memory.
+        ffn_recompute: recompute each ConvFFN's conv -> GELU -> fc2 in the backward (keeps one hidden-width
+            tensor per block instead of three; default on, see ConvFFN).
         nvtx: push NVTX ranges per stage and block (default: env GROUPMAMBA_NVTX=1).
     """
 
@@ -95,11 +104,12 @@ class GroupMamba(nn.Module):
         mlp_ratios=(8, 8, 4, 4),
         depths=(3, 4, 9, 3),
         drop_path_rate: float = 0.0,
-        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        norm_layer=partial(LayerNorm, eps=1e-6),
         distillation: bool = True,
         fused: bool = True,
         proj_impl: str = "auto",
         grad_checkpointing: bool = False,
+        ffn_recompute: bool = True,
         nvtx: Optional[bool] = None,
         global_pool: str = "token",
         drop_rate: float = 0.0,
@@ -136,7 +146,8 @@ class GroupMamba(nn.Module):
                 patch_embed = DownSample(embed_dims[i - 1], embed_dims[i])
                 stride *= 2
             blocks = nn.ModuleList([
-                GroupMambaBlock(embed_dims[i], mlp_ratios[i], dpr[cur + j], norm_layer, **layer_kw)
+                GroupMambaBlock(embed_dims[i], mlp_ratios[i], dpr[cur + j], norm_layer, ffn_recompute=ffn_recompute,
+                                **layer_kw)
                 for j in range(depths[i])
             ])
             cur += depths[i]
@@ -150,16 +161,23 @@ class GroupMamba(nn.Module):
         if distillation:
             self.dist_head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
+        if not fused:
+            self.set_fused(False)
 
     # ---- configuration -------------------------------------------------------------------------
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    def set_fused(self, fused: bool = True) -> None:
-        """Switches every mixer between the fast path and the official-style per-group path."""
+    def set_ffn_recompute(self, enable: bool = True) -> None:
         for m in self.modules():
-            if isinstance(m, GroupMambaLayer):
+            if isinstance(m, ConvFFN):
+                m.recompute = enable
+
+    def set_fused(self, fused: bool = True) -> None:
+        """Switches every mixer and LayerNorm between the fast path and the official-style path."""
+        for m in self.modules():
+            if isinstance(m, (GroupMambaLayer, LayerNorm, ConvFFN)):
                 m.fused = fused
 
     def set_proj_impl(self, proj_impl: str) -> None:

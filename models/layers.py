@@ -9,8 +9,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from groupmamba.ops import dwconv_act, group_layer_norm
 
 
 def init_weights(m: nn.Module) -> None:
@@ -60,9 +62,11 @@ class Stem(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.proj = nn.Conv2d(hidden_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_dim)  # default eps (1e-5), as in the official code
+        self.norm = LayerNorm(out_dim)  # default eps (1e-5), as in the official code
 
     def forward(self, x: torch.Tensor):
+        if x.is_cuda:  # channels_last: cuDNN's fast NHWC convolutions, the parallel NHWC BatchNorm
+            x = x.contiguous(memory_format=torch.channels_last)  # kernels, and map_to_tokens is a view
         x = self.proj(self.conv(x))
         H, W = x.shape[-2:]
         return self.norm(map_to_tokens(x)), H, W
@@ -74,7 +78,7 @@ class DownSample(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, 3, stride=2, padding=1)
-        self.norm = nn.LayerNorm(out_dim)  # default eps (1e-5), as in the official code
+        self.norm = LayerNorm(out_dim)  # default eps (1e-5), as in the official code
 
     def forward(self, x: torch.Tensor):
         x = self.proj(x)
@@ -94,17 +98,35 @@ class DWConv(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """PVTv2-style feed-forward: fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the official PVT2FFN)."""
+    """PVTv2-style feed-forward: fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the official PVT2FFN).
 
-    def __init__(self, dim: int, hidden_dim: int):
+    recompute=True (default): in training, dwconv -> GELU -> fc2 runs under activation checkpointing,
+    so only fc1's output is kept for the backward instead of three hidden-width tensors (fc1 output,
+    conv output, GELU output). The hidden layer is mlp_ratio (4-8) times wider than the block, so this
+    is the largest activation of the model; the price is re-running the conv, GELU and fc2 forward.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, recompute: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.dwconv = DWConv(hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.recompute = recompute
+        self.fused = True  # dwconv + bias + GELU in one kernel (ops.dwconv_act); set by GroupMamba.set_fused
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        return self.fc2(self.act(self.dwconv(self.fc1(x), H, W)))
+        h = self.fc1(x)
+        if self.recompute and h.requires_grad and torch.is_grad_enabled():
+            return checkpoint(self._tail, h, H, W, use_reentrant=False)
+        return self._tail(h, H, W)
+
+    def _tail(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self.fused:
+            conv = self.dwconv.dwconv
+            h = dwconv_act(h.unflatten(1, (H, W)), conv.weight, conv.bias, "gelu").flatten(1, 2)
+            return self.fc2(h)
+        return self.fc2(self.act(self.dwconv(h, H, W)))
 
 
 class FFN(nn.Module):
@@ -120,7 +142,29 @@ class FFN(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def layer_norm_stacked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-group LayerNorm: x (..., G, d) normalised over d with group weights/biases (G, d)."""
-    x = F.layer_norm(x, x.shape[-1:], None, None, eps)
-    return torch.addcmul(bias.to(x.dtype), x, weight.to(x.dtype))
+def autocast_dtype(x: torch.Tensor):
+    """The autocast dtype of x's device type when autocast is on there, else None."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (same parameters, keys and semantics) on the fused kernel of ops.group_layer_norm.
+
+    torch's CUDA LayerNorm runs one row per thread block, which is slow for GroupMamba's narrow rows
+    (C = 64 .. 512 over 10^5 - 10^6 tokens). ``fused=False`` (set by GroupMamba.set_fused) runs
+    F.layer_norm, as the official-style baseline does. ``autocast_output=True``: under autocast, return
+    the autocast dtype instead of float32, for norms whose only consumer is a Linear (same rounding as
+    that Linear's input cast, half the bytes written and read).
+    """
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, autocast_output: bool = False, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.fused = True
+        self.autocast_output = autocast_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fused or self.weight is None or self.bias is None or len(self.normalized_shape) != 1:
+            return super().forward(x)
+        out_dtype = autocast_dtype(x) if self.autocast_output else None
+        return group_layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)

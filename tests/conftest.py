@@ -1,4 +1,8 @@
 """Shared test helpers. GPU tests carry @pytest.mark.gpu and are skipped when CUDA is absent."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -36,3 +40,23 @@ def random_scan_inputs(B, H, W, d, N=1, R=None, dtype=torch.float64, param_dtype
     D = r(4, d)
     params = [p.to(param_dtype).to(device) for p in (x_proj_weight, dt_proj_weight, dt_bias, A_log, D)]
     return [u.to(dtype).to(device)] + params
+
+
+def poison_cuda_cache():
+    """Fill the caching allocator's free blocks with NaN, so any output element left unwritten shows."""
+    small = [torch.full((1 << 18,) if i % 2 else (1 << 16,), float("nan"), device="cuda") for i in range(64)]
+    free, _ = torch.cuda.mem_get_info()
+    big = torch.full((min(free // 4, 1 << 30) // 4,), float("nan"), device="cuda")
+    del small, big
+    torch.cuda.synchronize()
+
+
+def run_triton_interpreter(test_file: str) -> None:
+    """Runs ``test_file --interpret`` with TRITON_INTERPRET=1 in a subprocess (the variable must be set
+    before Triton is imported); its checks print "interpreter checks passed" when all pass."""
+    env = dict(os.environ, TRITON_INTERPRET="1", GROUPMAMBA_FORCE_REFERENCE="0")
+    path = os.path.abspath(test_file)
+    r = subprocess.run([sys.executable, path, "--interpret"], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(path))
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-8000:]}"
+    assert "interpreter checks passed" in r.stdout

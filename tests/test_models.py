@@ -525,7 +525,7 @@ def test_no_weight_decay():
     assert {"A_logs", "Ds", "skip_scale"} <= kws
 
 
-def test_grad_checkpointing_same_grads():
+def test_grad_checkpointing_and_ffn_recompute_same_grads():
     torch.manual_seed(0)
     model = randomize_(create_model("groupmamba_demo", num_classes=10), seed=11).train()
     for m in model.modules():  # BatchNorm statistics are not part of this comparison
@@ -543,9 +543,14 @@ def test_grad_checkpointing_same_grads():
     model.set_grad_checkpointing(True)
     ckpt = grads()
     model.set_grad_checkpointing(False)
+    model.set_ffn_recompute(False)  # on by default: compare against keeping every FFN activation
+    kept = grads()
+    model.set_ffn_recompute(True)
     for n in plain:
         assert rel_err(ckpt[n], plain[n]) <= 1e-6, n
+        assert rel_err(kept[n], plain[n]) <= 1e-6, n
     assert create_model("groupmamba_demo", grad_checkpointing=True).grad_checkpointing
+    assert not create_model("groupmamba_demo", ffn_recompute=False).block1[0].mlp.recompute
 
 
 def test_bf16_autocast_cpu_finite():

@@ -19,13 +19,12 @@ Tolerances (relative Frobenius error vs float64, conftest.rel_err):
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import poison_cuda_cache, rel_err, run_triton_interpreter
 from groupmamba.ops import modulation as M
 
 EPS = 1e-5
@@ -206,25 +205,12 @@ def _interpret_checks():
 def test_triton_interpreter_cpu():
     if not M.triton_available():
         pytest.skip(f"Triton not importable ({M._TRITON_ERROR})")
-    env = dict(os.environ, TRITON_INTERPRET="1", GROUPMAMBA_FORCE_REFERENCE="0")
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--interpret"], env=env, capture_output=True,
-                       text=True, timeout=300, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-8000:]}"
-    assert "interpreter checks passed" in r.stdout
+    run_triton_interpreter(__file__)
 
 
 # ------------------------------------------------------------------------------------------------
 # GPU
 # ------------------------------------------------------------------------------------------------
-def poison_cuda_cache():
-    """Fill the caching allocator's free blocks with NaN, so any output element left unwritten shows."""
-    small = [torch.full((1 << 18,) if i % 2 else (1 << 16,), float("nan"), device="cuda") for i in range(64)]
-    free, _ = torch.cuda.mem_get_info()
-    big = torch.full((min(free // 4, 1 << 30) // 4,), float("nan"), device="cuda")
-    del small, big
-    torch.cuda.synchronize()
-
-
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -1,4 +1,4 @@
-"""The Triton modulation kernels compile for Hopper (sm_90) with the tiles the launcher picks.
+"""The Triton kernels (modulation, grouped LayerNorm, depthwise conv) compile for Hopper (sm_90) with the launchers' tiles.
 
 CI has no GPU: the interpreter tests (test_modulation.py) check the arithmetic, this checks that the
 real compiler accepts every kernel, in fp32 and bf16, at a narrow (C=64) and a wide odd (C=348) row.
@@ -47,3 +47,54 @@ def test_kernel_compiles_for_sm90(name, L, C, act):
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
+
+
+NORM_ACT = {"_gln_fwd": {"X", "Z", "OUT"}, "_gln_bwd": {"GO", "X", "Z", "DX", "DZ"}}
+
+
+@pytest.mark.parametrize("act", ["*fp32", "*bf16"])
+@pytest.mark.parametrize("M,G,d,gate", [(401408, 1, 64, False), (25088, 1, 348, False), (401408, 4, 16, True),
+                                        (25088, 4, 87, True), (6272, 4, 112, True)])
+@pytest.mark.parametrize("name", sorted(NORM_ACT))
+def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
+    from groupmamba.ops import triton_norm as tn
+    kernel = getattr(tn, name)
+    block_m, block_d, _, num_warps = tn.tiles(M, G, d)
+    consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True)
+    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg == "M":
+            signature[arg] = "i32"
+        elif arg == "eps":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = act if arg in NORM_ACT[name] else F32
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert len(compiled.asm["cubin"]) > 0
+    assert ".target sm_90" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("act", ["*fp32", "*bf16"])
+@pytest.mark.parametrize("W,C,fn", [(56, 64, "silu"), (56, 512, "gelu"), (14, 348, "silu"), (7, 1392, "gelu")])
+def test_dwconv_kernel_compiles_for_sm90(W, C, fn, act):
+    from groupmamba.ops import triton_dwconv as td
+    kernel = td._dwconv_act_fwd
+    block_w, block_c, num_warps = td.tiles(W, C)
+    consts = dict(ACT=td.ACTS[fn], BLOCK_W=block_w, BLOCK_C=block_c)
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in ("H", "W", "C", "NWB"):
+            signature[arg] = "i32"
+        else:
+            signature[arg] = act if arg in ("X", "OUT") else F32
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    assert len(compiled.asm["cubin"]) > 0

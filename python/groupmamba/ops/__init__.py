@@ -1,6 +1,9 @@
-"""Ops of GroupMamba: the grouped four-direction selective scan and the channel modulation."""
+"""Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
+(gated) LayerNorm and the depthwise conv + activation."""
+from .dwconv import dwconv_act
 from .modulation import layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
+from .norm import group_layer_norm
 from .reference import GROUPS, grouped_scan_reference, scan_order
 from .scan import check_scan_inputs, grouped_scan, register_native_ops
 
@@ -9,6 +12,8 @@ register_native_ops()
 __all__ = [
     "GROUPS",
     "check_scan_inputs",
+    "dwconv_act",
+    "group_layer_norm",
     "grouped_scan",
     "grouped_scan_naive",
     "grouped_scan_reference",

@@ -36,19 +36,15 @@ def AUTO_ELEMS(block_c: int) -> int:
     return 8192 if block_c <= 128 else 2048
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _vec(C: int) -> int:
     """Largest power of two (<= 16) dividing C: lets loads and stores use wide vectors (C = 348 = 4*87)."""
     return min(16, C & -C)
 
 
 def _tiles(L: int, C: int, elems: int | None):
-    block_c = max(16, _next_pow2(C))
+    block_c = max(16, triton.next_power_of_2(C))
     elems = elems or AUTO_ELEMS(block_c)
-    block_l = max(1, min(_next_pow2(L), elems // block_c))
+    block_l = max(1, min(triton.next_power_of_2(L), elems // block_c))
     n_tiles = triton.cdiv(L, block_l)
     num_warps = 4 if block_l * block_c <= 2048 else 8
     return block_l, block_c, n_tiles, num_warps
