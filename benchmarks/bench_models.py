@@ -54,13 +54,14 @@ def _timed(fn, device, warmup: int, iters: int, max_seconds: float) -> tuple[flo
     return (time.perf_counter() - start) / n, n
 
 
-def _set_path(model, path: str):
+def _set_path(model, path: str, ffn_recompute: bool):
     if path == "ref-ops":
         os.environ["GROUPMAMBA_FORCE_REFERENCE"] = "1"
     else:
         os.environ.pop("GROUPMAMBA_FORCE_REFERENCE", None)
     model.set_fused(path != "official-style")
-    model.set_ffn_recompute(path != "official-style")  # the official FFN keeps its activations
+    # the official FFN keeps its activations; --no-ffn-recompute gives the fast path's A/B
+    model.set_ffn_recompute(path != "official-style" and ffn_recompute)
 
 
 def bench_one(name: str, path: str, mode: str, args, device) -> dict:
@@ -68,7 +69,7 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
 
     torch.manual_seed(0)
     model = create_model(name, num_classes=1000, proj_impl=args.proj_impl).to(device)
-    _set_path(model, path)
+    _set_path(model, path, not args.no_ffn_recompute)
     baseline = path in BASELINES
     warmup = args.baseline_warmup if baseline else args.warmup
     iters = args.baseline_iters if baseline else args.iters
@@ -140,6 +141,8 @@ def main(argv=None) -> int:
                          "(default CUDA: train_bf16,train_fp16,infer_bf16; CPU: train_fp32,infer_fp32)")
     ap.add_argument("--proj-impl", default="auto", choices=("auto", "blockdiag", "bmm"))
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    ap.add_argument("--no-ffn-recompute", action="store_true",
+                    help="keep every ConvFFN activation (ffn_recompute=False): memory/speed A/B of the default")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode (e.g. reduce-overhead: CUDA graphs, no per-kernel host launches)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
     gpu = device_name(device)
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
               f"native ops: {_native.native_available()} | img {args.img} | proj_impl {args.proj_impl}"
-              f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}")
+              f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}"
+              f"{' | ffn_recompute off' if args.no_ffn_recompute else ''}")
     print(header, flush=True)
 
     rows = []
