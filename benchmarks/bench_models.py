@@ -3,6 +3,7 @@
     python benchmarks/bench_models.py                 # CUDA: T/S/B, ~3-4 min on an H100
     python benchmarks/bench_models.py --quick         # CUDA: T only, fewer iterations
     python benchmarks/bench_models.py --device cpu --quick   # smoke test (demo model, 32x32)
+    python benchmarks/bench_models.py --cuda-graph           # CUDA: whole step captured in one CUDA graph
 
 Rows:
   fast          the model as shipped (batched layer, fused CUDA / C++ ops)
@@ -26,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchutil import device_name  # benchmarks/ is on sys.path when run as a script
+from benchutil import capture_graph, device_name  # benchmarks/ is on sys.path when run as a script
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -82,12 +83,16 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
     # CUDA-graph trees reuse output memory across replays: each iteration must say a new step begins
     cudagraphs = args.compile and not baseline and args.compile_mode == "reduce-overhead"
     mark_step = torch.compiler.cudagraph_mark_step_begin if cudagraphs else (lambda: None)
+    graphed = args.cuda_graph and not baseline and device.type == "cuda"
+    if graphed and mode == "train_fp16":
+        return dict(model=name, path=path, mode=mode, error="skipped: GradScaler's step syncs with the host "
+                    "(not capturable); use bf16 with --cuda-graph")
     if mode.startswith("train"):
         B = args.train_batch
         model.train()
         run = torch.compile(model, mode=args.compile_mode) if args.compile and not baseline else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
-                                **({"fused": True} if device.type == "cuda" else {}))
+                                **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
         scaler = torch.amp.GradScaler(device.type, enabled=(mode == "train_fp16"))
         x = torch.randn(B, 3, img, img, device=device)
         y = torch.randint(0, 1000, (B,), device=device)
@@ -101,6 +106,16 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+
+        if graphed:  # forward + backward + AdamW captured; the gradients live in the graph's memory
+            def body():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                    out, dist = model(x)
+                    loss = 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
+                loss.backward()
+                opt.step()
+
+            step = capture_graph(body, lambda: opt.zero_grad(set_to_none=True))
     else:
         B = args.infer_batch
         model.eval()
@@ -112,6 +127,9 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
             with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16,
                                                         enabled=amp_dtype is not None):
                 run(x)
+
+        if graphed:
+            step = capture_graph(step, lambda: None)
 
     sec, n = _timed(step, device, warmup, iters, args.baseline_seconds if baseline else args.max_seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
@@ -141,6 +159,9 @@ def main(argv=None) -> int:
                          "(default CUDA: train_bf16,train_fp16,infer_bf16; CPU: train_fp32,infer_fp32)")
     ap.add_argument("--proj-impl", default="auto", choices=("auto", "blockdiag", "bmm"))
     ap.add_argument("--compile", action="store_true", help="torch.compile the fast path")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="capture the fast path's whole step (forward, backward, AdamW) in one CUDA graph and time "
+                         "its replays: the step's device time without per-kernel host launches")
     ap.add_argument("--no-ffn-recompute", action="store_true",
                     help="keep every ConvFFN activation (ffn_recompute=False): memory/speed A/B of the default")
     ap.add_argument("--compile-mode", default=None,
@@ -174,7 +195,8 @@ def main(argv=None) -> int:
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
               f"native ops: {_native.native_available()} | img {args.img} | proj_impl {args.proj_impl}"
               f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}"
-              f"{' | ffn_recompute off' if args.no_ffn_recompute else ''}")
+              f"{' | ffn_recompute off' if args.no_ffn_recompute else ''}"
+              f"{' | whole-step CUDA graph' if args.cuda_graph else ''}")
     print(header, flush=True)
 
     rows = []

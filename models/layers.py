@@ -118,7 +118,8 @@ class ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         h = self.fc1(x)
         if self.recompute and h.requires_grad and torch.is_grad_enabled():
-            return checkpoint(self._tail, h, H, W, use_reentrant=False)
+            # no RNG in the tail, so no RNG state to stash (that would also break CUDA-graph capture)
+            return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False)
         return self._tail(h, H, W)
 
     def _tail(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:
