@@ -90,32 +90,32 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
     if mode.startswith("train"):
         B = args.train_batch
         model.train()
-        run = torch.compile(model, mode=args.compile_mode) if args.compile and not baseline else model
+        compiled = args.compile and not baseline and not graphed  # the graph captures the eager model
+        run = torch.compile(model, mode=args.compile_mode) if compiled else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
                                 **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
         scaler = torch.amp.GradScaler(device.type, enabled=(mode == "train_fp16"))
         x = torch.randn(B, 3, img, img, device=device)
         y = torch.randint(0, 1000, (B,), device=device)
 
-        def step():
-            mark_step()
+        def forward_loss():
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 out, dist = run(x)
-                loss = 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+                return 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
 
         if graphed:  # forward + backward + AdamW captured; the gradients live in the graph's memory
             def body():
-                with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                    out, dist = model(x)
-                    loss = 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
-                loss.backward()
+                forward_loss().backward()
                 opt.step()
 
             step = capture_graph(body, lambda: opt.zero_grad(set_to_none=True))
+        else:
+            def step():
+                mark_step()
+                scaler.scale(forward_loss()).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
     else:
         B = args.infer_batch
         model.eval()

@@ -13,6 +13,7 @@ from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from groupmamba.ops import dwconv_act, group_layer_norm
+from groupmamba.ops._util import autocast_dtype
 
 
 def init_weights(m: nn.Module) -> None:
@@ -141,12 +142,6 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def autocast_dtype(x: torch.Tensor):
-    """The autocast dtype of x's device type when autocast is on there, else None."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
 class LayerNorm(nn.LayerNorm):

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from groupmamba.ops import (dwconv_act, group_layer_norm, grouped_scan, grouped_scan_naive, layernorm_pool,
                             modulate_layernorm)
-
-from .layers import autocast_dtype
+from groupmamba.ops._util import autocast_dtype
 
 GROUPS = 4
 PROJ_IMPLS = ("auto", "blockdiag", "bmm")

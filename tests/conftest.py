@@ -60,3 +60,13 @@ def run_triton_interpreter(test_file: str) -> None:
                        cwd=os.path.dirname(path))
     assert r.returncode == 0, f"stdout:\n{r.stdout[-4000:]}\nstderr:\n{r.stderr[-8000:]}"
     assert "interpreter checks passed" in r.stdout
+
+
+def compare_outputs(res: dict, ref: dict, tol: float, tol_wb: float, what: str) -> None:
+    """Every entry of ref (outputs and gradients) against res: relative error <= tol, or <= tol_wb for
+    the weight / bias gradients (sums over many rows), and the same shapes."""
+    errs = {k: (rel_err(res[k], ref[k]), tol_wb if k in ("dweight", "dbias") else tol) for k in ref}
+    bad = {k: e for k, (e, t) in errs.items() if not e <= t}
+    assert not bad, f"{what}: over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
+    for k in ref:
+        assert res[k].shape == ref[k].shape, (what, k, res[k].shape, ref[k].shape)

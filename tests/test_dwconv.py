@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import poison_cuda_cache, rel_err, run_triton_interpreter
+from conftest import compare_outputs as compare, poison_cuda_cache, rel_err, run_triton_interpreter
 from groupmamba.ops import dwconv as D
 
 ACTS = ("silu", "gelu", "none")
@@ -55,14 +55,6 @@ def hand64(inp, act):
         y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
     (y * d["g"]).sum().backward()
     return dict(out=y, dx=x.grad, dweight=w.grad, dbias=b.grad)
-
-
-def compare(res, ref, tol, tol_wb, what):
-    errs = {k: (rel_err(res[k], ref[k]), tol_wb if k in ("dweight", "dbias") else tol) for k in ref}
-    bad = {k: e for k, (e, t) in errs.items() if not e <= t}
-    assert not bad, f"{what}: over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
-    for k in ref:
-        assert res[k].shape == ref[k].shape, (what, k)
 
 
 @pytest.mark.parametrize("act", ACTS)

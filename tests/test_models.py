@@ -341,20 +341,21 @@ def test_train_mode_returns_both_heads():
     assert rel_err(mean, (h + dh) / 2) <= 1e-4
 
 
+def param_grads(model, x, dist_reduce=torch.mean) -> dict:
+    """Every parameter's gradient of mean(head**2) + dist_reduce(dist_head) in training mode."""
+    model.zero_grad()
+    h, dh = model(x)
+    (h.square().mean() + dist_reduce(dh)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_grads_fused_equal_unfused():
     torch.manual_seed(0)
     model = randomize_(create_model("groupmamba_demo", num_classes=10), seed=5).double().train()
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
-
-    def grads():
-        model.zero_grad()
-        h, dh = model(x)
-        (h.square().mean() + dh.sum()).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fused = grads()
+    fused = param_grads(model, x, dist_reduce=torch.sum)
     model.set_fused(False)
-    unfused = grads()
+    unfused = param_grads(model, x, dist_reduce=torch.sum)
     for n in fused:
         assert rel_err(fused[n], unfused[n]) <= 1e-5, n  # the official-style scan computes in float32
 
@@ -363,16 +364,9 @@ def test_grads_native_equal_reference_fp32(monkeypatch):
     torch.manual_seed(0)
     model = randomize_(create_model("groupmamba_demo", num_classes=10), seed=6).train()
     x = torch.randn(2, 3, 32, 32)
-
-    def grads():
-        model.zero_grad()
-        h, dh = model(x)
-        (h.square().mean() + dh.mean()).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fast = grads()
+    fast = param_grads(model, x)
     monkeypatch.setenv("GROUPMAMBA_FORCE_REFERENCE", "1")
-    _assert_grads_close(fast, grads(), "cpu")
+    _assert_grads_close(fast, param_grads(model, x), "cpu")
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------
@@ -532,19 +526,12 @@ def test_grad_checkpointing_and_ffn_recompute_same_grads():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
     x = torch.randn(2, 3, 16, 16)
-
-    def grads():
-        model.zero_grad()
-        h, dh = model(x)
-        (h.square().mean() + dh.mean()).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain = grads()
+    plain = param_grads(model, x)
     model.set_grad_checkpointing(True)
-    ckpt = grads()
+    ckpt = param_grads(model, x)
     model.set_grad_checkpointing(False)
     model.set_ffn_recompute(False)  # on by default: compare against keeping every FFN activation
-    kept = grads()
+    kept = param_grads(model, x)
     model.set_ffn_recompute(True)
     for n in plain:
         assert rel_err(ckpt[n], plain[n]) <= 1e-6, n

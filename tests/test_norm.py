@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from conftest import poison_cuda_cache, rel_err, run_triton_interpreter
+from conftest import compare_outputs as compare, poison_cuda_cache, rel_err, run_triton_interpreter
 from groupmamba.ops import norm as N
 
 EPS = 1e-5
@@ -67,14 +67,6 @@ def hand64(inp):
     if z is not None:
         res["dgate"] = z.grad
     return res
-
-
-def compare(res, ref, tol, tol_wb, what):
-    errs = {k: (rel_err(res[k], ref[k]), tol_wb if k in ("dweight", "dbias") else tol) for k in ref}
-    bad = {k: e for k, (e, t) in errs.items() if not e <= t}
-    assert not bad, f"{what}: over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
-    for k in ref:
-        assert res[k].shape == ref[k].shape, (what, k, res[k].shape, ref[k].shape)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ._checks import check_float_tensors
+from ._util import autocast_dtype, check_float_tensors
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTS = ("none", "silu", "gelu")
@@ -76,7 +76,7 @@ def dwconv_act_fused(x, weight, bias, act: str = "none"):
 
 def _activation_input(x):
     """x made contiguous, in the autocast dtype when autocast is on (as F.conv2d would cast it)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
-        x = x.to(torch.get_autocast_dtype(dev))
+    dt = autocast_dtype(x)
+    if dt is not None and x.dtype == torch.float32:
+        x = x.to(dt)
     return x.contiguous()

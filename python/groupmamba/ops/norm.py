@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ._checks import check_float_tensors
+from ._util import check_float_tensors
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_ROW = 8192  # G * next_pow2(d) elements of a row live in registers
@@ -76,7 +76,7 @@ def group_layer_norm(x, weight, bias, eps: float, gate=None, out_dtype=None):
     _check(x, weight, bias, gate, out_dtype)
     if not _use_fused(x, weight, bias, gate):
         return group_layer_norm_reference(x, weight, bias, eps, gate, out_dtype)
-    return group_layer_norm_fused(x, weight, bias, eps, gate, out_dtype)
+    return _launch_fused(x, weight, bias, eps, gate, out_dtype)
 
 
 def group_layer_norm_fused(x, weight, bias, eps: float, gate=None, out_dtype=None):
@@ -84,6 +84,11 @@ def group_layer_norm_fused(x, weight, bias, eps: float, gate=None, out_dtype=Non
     if _tn is None:
         raise RuntimeError(f"group_layer_norm: Triton kernels unavailable ({_TRITON_ERROR})")
     _check(x, weight, bias, gate, out_dtype)
+    return _launch_fused(x, weight, bias, eps, gate, out_dtype)
+
+
+def _launch_fused(x, weight, bias, eps, gate, out_dtype):
+    """The Triton kernels on checked arguments (weight (C,) taken as one group)."""
     w2 = weight.reshape(-1, weight.shape[-1]) if weight.dim() == 2 else weight.reshape(1, -1)
     dt = out_dtype or torch.promote_types(x.dtype, weight.dtype)
     return _tn.group_layer_norm_triton(x.contiguous(), None if gate is None else gate.contiguous(),

@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._util import identity as _identity, use_library_ops
+
 NAMESPACE = "groupmamba_triton"
 
 # Elements (BLOCK_L * BLOCK_C) per program; None: AUTO_ELEMS. The benchmark sweeps these.
@@ -186,10 +188,6 @@ def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, 
 # launch + reduce (inputs already validated and contiguous; see modulation.py). `wrap` is
 # torch.library.wrap_triton inside the triton_ops (traceable) and the identity in the eager path.
 # ----------------------------------------------------------------------------------------------
-def _identity(kernel):
-    return kernel
-
-
 def _ln_pool_fwd_impl(x, weight, bias, eps, wrap):
     B, L, C = x.shape
     bl, bc, T, nw = _tiles(L, C, CONFIG["fwd_elems"])
@@ -339,18 +337,14 @@ class _ModulateLayerNorm(torch.autograd.Function):
         return dy, dxn, ds, dskip, dwb[0], dwb[1], None
 
 
-def _use_library_ops() -> bool:
-    return CONFIG["eager_library_ops"] or torch.compiler.is_compiling()
-
-
 def layernorm_pool_triton(x, weight, bias, eps):
-    if _use_library_ops():
+    if use_library_ops(CONFIG):
         xn, pooled, _stats = ln_pool_fwd(x, weight, bias, float(eps))
         return xn, pooled
     return _LayerNormPool.apply(x, weight, bias, float(eps))
 
 
 def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps):
-    if _use_library_ops():
+    if use_library_ops(CONFIG):
         return mod_ln_fwd(y_all, xn, s, skip_scale, weight, bias, float(eps))[0]
     return _ModulateLayerNorm.apply(y_all, xn, s, skip_scale, weight, bias, float(eps))

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from ._util import identity as _identity, use_library_ops
+
 NAMESPACE = "groupmamba_triton"
 CONFIG = {"elems": None, "eager_library_ops": False}
 
@@ -97,10 +99,6 @@ def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, DWP, DBP, M, G: tl.constexpr
     poffs = pid.to(tl.int64) * (G * D) + widx
     tl.store(DWP + poffs, tl.sum(g * xhat, axis=0), mask=wmask)
     tl.store(DBP + poffs, tl.sum(g, axis=0), mask=wmask)
-
-
-def _identity(kernel):
-    return kernel
 
 
 def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
@@ -183,6 +181,6 @@ class _GroupLayerNorm(torch.autograd.Function):
 
 def group_layer_norm_triton(x, z, weight, bias, eps, out_dtype):
     """x, z: contiguous (..., G*d); weight, bias: contiguous (G, d)."""
-    if CONFIG["eager_library_ops"] or torch.compiler.is_compiling():
+    if use_library_ops(CONFIG):
         return group_ln_fwd(x, z, weight, bias, float(eps), out_dtype)[0]
     return _GroupLayerNorm.apply(x, z, weight, bias, float(eps), out_dtype)

@@ -1,0 +1,33 @@
+"""Small helpers shared by the Triton-backed ops: argument checks, the autocast dtype, and the switch
+between the eager launch path and the torch.library ops that torch.compile traces."""
+from __future__ import annotations
+
+import torch
+
+
+def check_float_tensors(op: str, x: torch.Tensor, named) -> None:
+    """Every (name, tensor) in ``named`` is a floating-point tensor on x's device (x itself included)."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def autocast_dtype(x: torch.Tensor):
+    """The autocast dtype of x's device type when autocast is on there, else None."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
+def identity(kernel):
+    """The eager path's stand-in for torch.library.wrap_triton: launch the kernel directly."""
+    return kernel
+
+
+def use_library_ops(config: dict) -> bool:
+    """torch.library triton_ops under torch.compile (or when a test asks); autograd.Functions otherwise:
+    the library dispatch costs ~100s of us per call on the host, more than these kernels take."""
+    return config["eager_library_ops"] or torch.compiler.is_compiling()
