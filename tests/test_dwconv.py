@@ -79,18 +79,20 @@ def test_argument_errors():
         D.dwconv_act(x.long(), w, b, "silu")
 
 
-INTERPRET_CASES = [((2, 5, 7, 16), "silu", None), ((1, 6, 6, 20), "gelu", None), ((2, 4, 9, 8), "none", 4),
-                   ((1, 1, 1, 12), "gelu", None), ((2, 7, 7, 40), "silu", 2)]
+# (shape, act, elements per tile): small tiles give several programs per image and a ragged last tile
+INTERPRET_CASES = [((2, 5, 7, 16), "silu", None), ((1, 6, 6, 20), "gelu", None), ((2, 4, 9, 8), "none", 64),
+                   ((1, 1, 1, 12), "gelu", None), ((2, 7, 7, 40), "silu", 128)]
 
 
 def _interpret_checks():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from groupmamba.ops import triton_dwconv as td
-    for shape, act, block_w in INTERPRET_CASES:
-        td.CONFIG["block_w"] = block_w   # small tiles: several programs per row, ragged last tile
+    defaults = dict(td.CONFIG)
+    for shape, act, elems in INTERPRET_CASES:
+        td.CONFIG.update(elems=elems or defaults["elems"])
         inp = make(*shape)
         compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {shape} {act}")
-    td.CONFIG["block_w"] = None
+    td.CONFIG.update(defaults)
     inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
     res = run(D.dwconv_act_fused, inp, "gelu")
     compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")
