@@ -8,8 +8,9 @@ reads x and writes y (2 passes); forward + backward adds the backward's minimum 
 write grad_x: 3 passes), against the device-to-device copy bandwidth measured in the same run. torch =
 F.conv2d (channels_last, cuDNN) + activation, autograd for the backward, with the weights cast to x's
 dtype as autocast does. The fused backward recomputes the forward with the Triton kernel and then runs
-cuDNN's depthwise dgrad/wgrad. --sweep times the forward's tile configurations (triton_dwconv.CONFIG:
-elements per program / warps) and marks the best.
+cuDNN's depthwise dgrad/wgrad. --sweep times the forward's configurations (triton_dwconv.CONFIG): the
+"tiles" kernel (elements per program / warps) and the sliding-window "rows" kernel (rows x channels per
+program / warps), and marks the best.
 The markdown table is printed and, if $OUT is set, written to $OUT/bench_dwconv.md.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ from benchutil import capture_graph, copy_bandwidth_gbs, device_name, time_ms
 # (H=W, C, act): GroupMamba-T stages, mixer conv then FFN conv
 SHAPES = [(56, 64, "silu"), (56, 512, "gelu"), (28, 128, "silu"), (28, 1024, "gelu"),
           (14, 348, "silu"), (14, 1392, "gelu"), (7, 448, "silu"), (7, 1792, "gelu")]
-FWD_CONFIGS = [(1024, 4), (2048, 8), (1024, 8), (4096, 8)]       # (elems, num_warps)
+FWD_CONFIGS = [(1024, 4), (2048, 8), (1024, 8), (4096, 8)]       # "tiles" kernel: (elems, num_warps)
+ROWS_CONFIGS = [(4, 128, 4), (8, 64, 4), (2, 128, 4), (8, 128, 4)]  # "rows" kernel: (block_h, block_c, warps)
 
 
 def cases(B, hw, C, act, dtype, device):
@@ -80,20 +82,25 @@ def main(argv=None) -> int:
     lines = [head, ""]
     defaults = dict(td.CONFIG)
     if args.sweep:
-        lines += ["| H=W | C | act | " + " | ".join(f"fwd {e}/{w}" for e, w in FWD_CONFIGS) + " |",
-                  "|---|---|---|" + "---|" * len(FWD_CONFIGS)]
+        lines += ["| H=W | C | act | " + " | ".join(f"tiles {e}/{w}" for e, w in FWD_CONFIGS) + " | "
+                  + " | ".join(f"rows {h}x{c}/{w}" for h, c, w in ROWS_CONFIGS) + " |",
+                  "|---|---|---|" + "---|" * (len(FWD_CONFIGS) + len(ROWS_CONFIGS))]
         for hw, C, act in SHAPES:
             x, w, b, g = cases(args.batch, hw, C, act, dtype, device)
             fw = []
             for e, nw in FWD_CONFIGS:
-                td.CONFIG.update(defaults, elems=e, num_warps=nw)
+                td.CONFIG.update(defaults, kernel="tiles", elems=e, num_warps=nw)
+                fw.append(device_ms(fwd_fn(D.dwconv_act, x, w, b, act), device, args.iters))
+            for bh, bc, nw in ROWS_CONFIGS:
+                td.CONFIG.update(defaults, kernel="rows", rows_block_h=bh, rows_block_c=bc, rows_warps=nw)
                 fw.append(device_ms(fwd_fn(D.dwconv_act, x, w, b, act), device, args.iters))
             mark = lambda v, vs: f"**{v * 1e3:.0f}**" if v == min(vs) else f"{v * 1e3:.0f}"  # noqa: E731
             row = f"| {hw} | {C} | {act} | " + " | ".join(mark(v, fw) for v in fw) + " |"
             print(row, flush=True)
             lines.append(row)
         td.CONFIG.update(defaults)
-        lines += ["", "(us; configs: elements per program / num_warps)", ""]
+        lines += ["", "(forward us; tiles: elements per program / num_warps; rows: rows x channels per program / "
+                  "num_warps)", ""]
 
     lines += ["| H=W | C | act | fwd torch us | fwd fused us | speed-up | fwd GB/s (% copy) | fwd+bwd torch us | "
               "fwd+bwd fused us | speed-up | fwd+bwd GB/s (% copy) |", "|---|---|---|---|---|---|---|---|---|---|---|"]

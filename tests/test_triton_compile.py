@@ -81,16 +81,20 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
 @pytest.mark.parametrize("C,fn", [(64, "silu"), (512, "gelu"), (348, "silu"), (1392, "gelu")])
-def test_dwconv_kernel_compiles_for_sm90(C, fn, act):
+@pytest.mark.parametrize("variant", ["tiles", "rows"])
+def test_dwconv_kernel_compiles_for_sm90(variant, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
-    kernel = td._dwconv_fwd
-    block_p, block_c, num_warps = td.tiles(C)
-    consts = dict(ACT=td.ACTS[fn], BLOCK_P=block_p, BLOCK_C=block_c)
+    if variant == "tiles":
+        kernel, ints, num_warps = td._dwconv_fwd, ("NPOS", "H", "W", "C"), td.tiles(C)[2]
+        consts = dict(ACT=td.ACTS[fn], BLOCK_P=td.tiles(C)[0], BLOCK_C=td.tiles(C)[1])
+    else:
+        kernel, ints, num_warps = td._dwconv_fwd_rows, ("H", "W", "C", "NHB"), td.CONFIG["rows_warps"]
+        consts = dict(ACT=td.ACTS[fn], BLOCK_H=td.CONFIG["rows_block_h"], BLOCK_C=td.CONFIG["rows_block_c"])
     signature = {}
     for arg in kernel.arg_names:
         if arg in consts:
             signature[arg] = "constexpr"
-        elif arg in ("NPOS", "H", "W", "C"):
+        elif arg in ints:
             signature[arg] = "i32"
         else:
             signature[arg] = act if arg in ("X", "OUT") else F32

@@ -11,6 +11,10 @@ version of this kernel used 64-bit per-element addresses, an unspecialised C and
 registers with spills, scalar loads, 2.6 ms for one GroupMamba-T stage-1 FFN conv at B=128 on an H200.
 
 Forward (_dwconv_fwd): accumulate in fp32, add bias, SiLU or exact (erf) GELU, store in x's dtype.
+A second forward, _dwconv_fwd_rows (CONFIG["kernel"] = "rows"), walks each image row with the 3x3
+window in registers (3 loads per output instead of 9, about 40% fewer instructions per element by the
+compiler's output); it passes the interpreter tests but has not been timed on a GPU, so "tiles" stays
+the default until bench_dwconv.py --sweep says otherwise.
 Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
 the activation's derivative, and hand the rest to aten.convolution_backward (cuDNN's NHWC depthwise
 dgrad and wgrad): dx, dweight and dbias. Only x is saved, not the conv output.
@@ -27,7 +31,10 @@ import triton.language as tl
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # elems: tile size (positions x channels), 8 per thread at 8 warps; the best of the H200 sweep
 # (benchmarks/bench_dwconv.py --sweep) at most of GroupMamba-T's shapes
-CONFIG = {"elems": 2048, "num_warps": 8, "block_c": None}
+# kernel: "tiles" (_dwconv_fwd, measured on an H200) or "rows" (_dwconv_fwd_rows, the sliding-window
+# variant: tested with the Triton interpreter and compiled for sm_90, not yet timed on a GPU)
+CONFIG = {"elems": 2048, "num_warps": 8, "block_c": None,
+          "kernel": "tiles", "rows_block_h": 4, "rows_block_c": 128, "rows_warps": 4}
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
@@ -76,16 +83,99 @@ def _dwconv_fwd(X, WT, Bias, OUT, NPOS, H, W, C, ACT: tl.constexpr,
     tl.store(OUT + base + offs, acc.to(OUT.dtype.element_ty), mask=pok[:, None] & cmask[None, :])
 
 
+@triton.jit
+def _row_col(img, off, m, w, W, C):
+    """Column w of the tile's input rows (offsets `off` at column 0) as fp32; zero outside the image."""
+    return tl.load(img + off + w * C, mask=m & (w < W), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _out_col(obase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+             lu, mu, ru, lm, mm, rm, ld, md, rd, ACT: tl.constexpr):
+    """Output column w from the window (l/m/r = columns w-1, w, w+1; u/m/d = rows above, at, below)."""
+    acc = bias + lu * t0 + mu * t1 + ru * t2 + lm * t3 + mm * t4 + rm * t5 + ld * t6 + md * t7 + rd * t8
+    if ACT == 1:
+        acc = acc * tl.sigmoid(acc)
+    elif ACT == 2:
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
+    tl.store(obase + off + w * C, acc.to(obase.dtype.element_ty), mask=m & (w < W))
+
+
+@triton.jit(do_not_specialize=["H", "W", "NHB"])
+def _dwconv_fwd_rows(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    """Sliding-window variant: a program owns BLOCK_H output rows x BLOCK_C channels of one image and
+    walks along W, keeping the 3x3 input window in registers: 3 loads per output column instead of 9,
+    and the row masks are computed once per program."""
+    pid = tl.program_id(0)
+    b = pid // NHB
+    hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cs[None, :] < C
+    img = X + b.to(tl.int64) * H * W * C
+    # input rows hh-1, hh, hh+1: offsets of column 0 inside the image, and their masks
+    off_u = ((hh - 1) * W * C)[:, None] + cs[None, :]
+    off_m = (hh * W * C)[:, None] + cs[None, :]
+    off_d = ((hh + 1) * W * C)[:, None] + cs[None, :]
+    m_u = ((hh >= 1) & (hh - 1 < H))[:, None] & cmask
+    m_m = (hh < H)[:, None] & cmask
+    m_d = (hh + 1 < H)[:, None] & cmask
+    t0 = tl.load(WT + 0 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t1 = tl.load(WT + 1 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t2 = tl.load(WT + 2 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t3 = tl.load(WT + 3 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t4 = tl.load(WT + 4 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t5 = tl.load(WT + 5 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t6 = tl.load(WT + 6 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t7 = tl.load(WT + 7 * C + cs, mask=cs < C, other=0.0)[None, :]
+    t8 = tl.load(WT + 8 * C + cs, mask=cs < C, other=0.0)[None, :]
+    bias = tl.load(Bias + cs, mask=cs < C, other=0.0).to(tl.float32)[None, :]
+    # window: columns w-1 (a*) and w (b*) of the three input rows; column -1 is padding. The loop
+    # is unrolled by three so the window's roles rotate statically instead of by register moves.
+    au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    am = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    ad = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    bu = _row_col(img, off_u, m_u, 0, W, C)
+    bm = _row_col(img, off_m, m_m, 0, W, C)
+    bd = _row_col(img, off_d, m_d, 0, W, C)
+    obase = OUT + b.to(tl.int64) * H * W * C
+    for w in range(0, W, 3):
+        cu = _row_col(img, off_u, m_u, w + 1, W, C)
+        cm = _row_col(img, off_m, m_m, w + 1, W, C)
+        cd = _row_col(img, off_d, m_d, w + 1, W, C)
+        _out_col(obase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 au, bu, cu, am, bm, cm, ad, bd, cd, ACT)
+        du = _row_col(img, off_u, m_u, w + 2, W, C)
+        dm = _row_col(img, off_m, m_m, w + 2, W, C)
+        dd = _row_col(img, off_d, m_d, w + 2, W, C)
+        _out_col(obase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 bu, cu, du, bm, cm, dm, bd, cd, dd, ACT)
+        eu = _row_col(img, off_u, m_u, w + 3, W, C)
+        em = _row_col(img, off_m, m_m, w + 3, W, C)
+        ed = _row_col(img, off_d, m_d, w + 3, W, C)
+        _out_col(obase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 cu, du, eu, cm, dm, em, cd, dd, ed, ACT)
+        au, am, ad = du, dm, dd
+        bu, bm, bd = eu, em, ed
+
+
 def _check_size(x):
-    if x.shape[0] * x.shape[1] * x.shape[2] + 2 * x.shape[2] + 2 >= 2 ** 31:
-        raise ValueError(f"dwconv_act: B*H*W = {x.shape[0] * x.shape[1] * x.shape[2]} positions is too many for "
-                         "the fused kernel (32-bit position index); split the batch")
+    B, H, W, C = x.shape
+    if B * H * W + 2 * W + 2 >= 2 ** 31 or (H + 1) * W * C >= 2 ** 31:
+        raise ValueError(f"dwconv_act: x of shape {tuple(x.shape)} is too large for the fused kernel "
+                         "(32-bit position and in-image offsets); split the batch or the image")
 
 
 def _conv(x, taps, bias, act: str):
     B, H, W, C = x.shape
     out = torch.empty_like(x)
-    if out.numel():
+    if out.numel() and CONFIG["kernel"] == "rows":
+        bh, bc, nw = CONFIG["rows_block_h"], min(CONFIG["rows_block_c"], max(16, triton.next_power_of_2(C))), \
+            CONFIG["rows_warps"]
+        nhb = triton.cdiv(H, bh)
+        _dwconv_fwd_rows[(B * nhb, triton.cdiv(C, bc))](x, taps, bias, out, H, W, C, nhb, ACT=ACTS[act],
+                                                        BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
+    elif out.numel():
         npos = B * H * W
         bp, bc, nw = tiles(C)
         _dwconv_fwd[(triton.cdiv(npos, bp), triton.cdiv(C, bc))](
