@@ -121,31 +121,15 @@ GPU_SHAPES = [(2, 56, 56, 64), (2, 56, 56, 512), (2, 28, 28, 1024), (2, 14, 14, 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ("silu", "gelu"))
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_gpu_fused_vs_float64(shape, act, dt):
+@pytest.mark.parametrize("kernel", ("tiles", "rows"))   # the forward kernel (triton_dwconv.CONFIG["kernel"])
+def test_gpu_fused_vs_float64(kernel, shape, act, dt, monkeypatch):
+    monkeypatch.setitem(D._td.CONFIG, "kernel", kernel)
     inp = make(*shape, dtype=dt, device="cuda")
     poison_cuda_cache()
     res = run(D.dwconv_act, inp, act)
     tol = 1e-5 if dt == torch.float32 else 1e-2
-    compare(res, hand64(inp, act), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu {shape} {act} {dt}")
+    compare(res, hand64(inp, act), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu {kernel} {shape} {act} {dt}")
     assert res["out"].dtype == dt
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("act", ("silu", "gelu"))
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_gpu_rows_kernel_vs_float64(shape, act):
-    """The sliding-window forward variant (CONFIG["kernel"] = "rows"), bf16 and fp32."""
-    from groupmamba.ops import triton_dwconv as td
-    saved = dict(td.CONFIG)
-    try:
-        td.CONFIG["kernel"] = "rows"
-        for dt, tol, ptol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 1e-2, 1e-2)):
-            inp = make(*shape, dtype=dt, device="cuda")
-            poison_cuda_cache()
-            compare(run(D.dwconv_act, inp, act), hand64(inp, act), tol, ptol, f"gpu rows {shape} {act} {dt}")
-    finally:
-        td.CONFIG.clear()
-        td.CONFIG.update(saved)
 
 
 @pytest.mark.gpu

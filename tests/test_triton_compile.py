@@ -11,17 +11,31 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from groupmamba.ops import triton_modulation as tm  # noqa: E402
 
-ACT = "act"  # placeholder for the activation dtype
 F32 = "*fp32"
-# pointer arguments in activation dtype; every other pointer is fp32; scalars as launched
+# pointer arguments in the activation dtype; every other pointer is fp32; scalars as launched
 POINTERS = {
-    "_ln_pool_fwd": {"X": ACT, "XN": ACT},
-    "_ln_pool_bwd": {"X": ACT, "GXN": ACT, "GP": ACT, "DX": ACT},
-    "_mod_ln_fwd": {"Y": ACT, "XN": ACT, "S": ACT, "OUT": ACT},
-    "_mod_ln_bwd": {"G": ACT, "Y": ACT, "XN": ACT, "S": ACT, "DY": ACT, "DXN": ACT},
+    "_ln_pool_fwd": {"X", "XN"},
+    "_ln_pool_bwd": {"X", "GXN", "GP", "DX"},
+    "_mod_ln_fwd": {"Y", "XN", "S", "OUT"},
+    "_mod_ln_bwd": {"G", "Y", "XN", "S", "DY", "DXN"},
 }
 INTS = {"L", "CV", "T"}
-CONSTEXPRS = ("BLOCK_L", "BLOCK_C", "VEC")
+
+
+def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps):
+    """triton.compile for sm_90: consts as constexprs, scalars {name: type}, pointers named in act_pointers
+    in the activation dtype `act`, every other pointer fp32."""
+    signature = {}
+    for arg in kernel.arg_names:
+        if arg in consts:
+            signature[arg] = "constexpr"
+        elif arg in scalars:
+            signature[arg] = scalars[arg]
+        else:
+            signature[arg] = act if arg in act_pointers else F32
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
@@ -32,19 +46,8 @@ def test_kernel_compiles_for_sm90(name, L, C, act):
     elems = tm.CONFIG["fwd_elems" if name.endswith("fwd") else "bwd_elems"]
     block_l, block_c, _, num_warps = tm._tiles(L, C, elems)
     consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": tm._vec(C)}
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in CONSTEXPRS:
-            signature[arg] = "constexpr"
-        elif arg in INTS:
-            signature[arg] = "i32"
-        elif arg[0].isupper():
-            signature[arg] = act if POINTERS[name].get(arg) == ACT else F32
-        else:  # eps, inv_L
-            signature[arg] = "fp32"
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
+    compiled = compile_sm90(kernel, consts, scalars, POINTERS[name], act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
 
@@ -62,19 +65,7 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
     block_m, block_d, _, num_warps = tn.tiles(M, G, d)
     consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in consts:
-            signature[arg] = "constexpr"
-        elif arg == "M":
-            signature[arg] = "i32"
-        elif arg == "eps":
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = act if arg in NORM_ACT[name] else F32
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = compile_sm90(kernel, consts, {"M": "i32", "eps": "fp32"}, NORM_ACT[name], act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
 
@@ -85,20 +76,11 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
 def test_dwconv_kernel_compiles_for_sm90(variant, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
     if variant == "tiles":
-        kernel, ints, num_warps = td._dwconv_fwd, ("NPOS", "H", "W", "C"), td.tiles(C)[2]
-        consts = dict(ACT=td.ACTS[fn], BLOCK_P=td.tiles(C)[0], BLOCK_C=td.tiles(C)[1])
+        block_p, block_c, num_warps = td.tiles(C)
+        kernel, ints = td._dwconv_fwd, ("NPOS", "H", "W", "C")
+        consts = dict(ACT=td.ACTS[fn], BLOCK_P=block_p, BLOCK_C=block_c)
     else:
         kernel, ints, num_warps = td._dwconv_fwd_rows, ("H", "W", "C", "NHB"), td.CONFIG["rows_warps"]
         consts = dict(ACT=td.ACTS[fn], BLOCK_H=td.CONFIG["rows_block_h"], BLOCK_C=td.CONFIG["rows_block_c"])
-    signature = {}
-    for arg in kernel.arg_names:
-        if arg in consts:
-            signature[arg] = "constexpr"
-        elif arg in ints:
-            signature[arg] = "i32"
-        else:
-            signature[arg] = act if arg in ("X", "OUT") else F32
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT"}, act, num_warps)
     assert len(compiled.asm["cubin"]) > 0

@@ -111,7 +111,8 @@ def _dwconv_fwd_rows(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H:
     b = pid // NHB
     hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs[None, :] < C
+    cok = cs < C
+    cmask = cok[None, :]
     img = X + b.to(tl.int64) * H * W * C
     # input rows hh-1, hh, hh+1: offsets of column 0 inside the image, and their masks
     off_u = ((hh - 1) * W * C)[:, None] + cs[None, :]
@@ -120,16 +121,16 @@ def _dwconv_fwd_rows(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H:
     m_u = ((hh >= 1) & (hh - 1 < H))[:, None] & cmask
     m_m = (hh < H)[:, None] & cmask
     m_d = (hh + 1 < H)[:, None] & cmask
-    t0 = tl.load(WT + 0 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t1 = tl.load(WT + 1 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t2 = tl.load(WT + 2 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t3 = tl.load(WT + 3 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t4 = tl.load(WT + 4 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t5 = tl.load(WT + 5 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t6 = tl.load(WT + 6 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t7 = tl.load(WT + 7 * C + cs, mask=cs < C, other=0.0)[None, :]
-    t8 = tl.load(WT + 8 * C + cs, mask=cs < C, other=0.0)[None, :]
-    bias = tl.load(Bias + cs, mask=cs < C, other=0.0).to(tl.float32)[None, :]
+    t0 = tl.load(WT + 0 * C + cs, mask=cok, other=0.0)[None, :]
+    t1 = tl.load(WT + 1 * C + cs, mask=cok, other=0.0)[None, :]
+    t2 = tl.load(WT + 2 * C + cs, mask=cok, other=0.0)[None, :]
+    t3 = tl.load(WT + 3 * C + cs, mask=cok, other=0.0)[None, :]
+    t4 = tl.load(WT + 4 * C + cs, mask=cok, other=0.0)[None, :]
+    t5 = tl.load(WT + 5 * C + cs, mask=cok, other=0.0)[None, :]
+    t6 = tl.load(WT + 6 * C + cs, mask=cok, other=0.0)[None, :]
+    t7 = tl.load(WT + 7 * C + cs, mask=cok, other=0.0)[None, :]
+    t8 = tl.load(WT + 8 * C + cs, mask=cok, other=0.0)[None, :]
+    bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
     # window: columns w-1 (a*) and w (b*) of the three input rows; column -1 is padding. The loop
     # is unrolled by three so the window's roles rotate statically instead of by register moves.
     au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
@@ -193,18 +194,19 @@ class DWConvAct(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act):
         _check_size(x)
         ctx.act = act
-        ctx.save_for_backward(x, weight, bias)
-        return _conv(x, _taps(weight), bias, act)
+        taps = _taps(weight)
+        ctx.save_for_backward(x, weight, taps, bias)
+        return _conv(x, taps, bias, act)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias = ctx.saved_tensors
+        x, weight, taps, bias = ctx.saved_tensors
         act = ctx.act
         grad_out = grad_out.contiguous()
         if act == "none":
             gpre = grad_out
         else:
-            pre = _conv(x, _taps(weight), bias, "none")
+            pre = _conv(x, taps, bias, "none")
             gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
                     else torch.ops.aten.gelu_backward(grad_out, pre))
         C = x.shape[-1]

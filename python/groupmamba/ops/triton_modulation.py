@@ -55,28 +55,50 @@ def _tiles(L: int, C: int, elems: int | None):
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["L", "CV", "T"])
-def _ln_pool_fwd(X, W, Bias, XN, MEAN, RSTD, PART, L, CV, T, eps,
-                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
-    pid = tl.program_id(0)
+@triton.jit
+def _row_tile(pid, L, C, T, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program pid's tile: batch b, its BLOCK_L rows (tile pid % T of batch b) x BLOCK_C columns, the
+    row/column/tile masks, the global row index and the element offsets of the (rows, C) view."""
     b = pid // T
-    t = pid % T
-    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
+    rl = (pid % T) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.arange(0, BLOCK_C)
     rmask = rl < L
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     row = b.to(tl.int64) * L + rl
     offs = row[:, None] * C + cols[None, :]
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / C
+    return b, cols, rmask, cmask, mask, row, offs
+
+
+@triton.jit
+def _layer_norm_rows(v, mask, cols, cmask, W, Bias, C, eps):
+    """LayerNorm of every row of the tile v over its C valid columns, then the affine weight and bias.
+    Returns (the result, mean, rstd); the result's padding entries are not zeroed."""
+    mean = tl.sum(v, axis=1) / C
+    vc = tl.where(mask, v - mean[:, None], 0.0)
+    var = tl.sum(vc * vc, axis=1) / C
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     bb = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
-    xn = xc * rstd[:, None] * w[None, :] + bb[None, :]
+    return vc * rstd[:, None] * w[None, :] + bb[None, :], mean, rstd
+
+
+@triton.jit
+def _layer_norm_rows_bwd(dhat, hat, rstd, C):
+    """Gradient of the normalized rows hat = (v - mean) * rstd, given dhat = d loss / d hat."""
+    c1 = tl.sum(dhat * hat, axis=1) / C
+    c2 = tl.sum(dhat, axis=1) / C
+    return (dhat - hat * c1[:, None] - c2[:, None]) * rstd[:, None]
+
+
+@triton.jit(do_not_specialize=["L", "CV", "T"])
+def _ln_pool_fwd(X, W, Bias, XN, MEAN, RSTD, PART, L, CV, T, eps,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+    C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
+    pid = tl.program_id(0)
+    b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    xn, mean, rstd = _layer_norm_rows(x, mask, cols, cmask, W, Bias, C, eps)
     xn = tl.where(mask, xn, 0.0)
     tl.store(XN + offs, xn.to(XN.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean, mask=rmask)
@@ -89,15 +111,7 @@ def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GP, DX, DWP, DBP, L, CV, T, inv_L,
                  BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
-    b = pid // T
-    t = pid % T
-    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rl < L
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    row = b.to(tl.int64) * L + rl
-    offs = row[:, None] * C + cols[None, :]
+    b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(MEAN + row, mask=rmask, other=0.0)
     rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
@@ -107,9 +121,7 @@ def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GP, DX, DWP, DBP, L, CV, T, inv_L,
     g = tl.where(mask, g, 0.0)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dxhat = g * w[None, :]
-    c1 = tl.sum(dxhat * xhat, axis=1) / C
-    c2 = tl.sum(dxhat, axis=1) / C
-    dx = (dxhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+    dx = _layer_norm_rows_bwd(dxhat, xhat, rstd, C)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     poffs = pid.to(tl.int64) * C + cols
     tl.store(DWP + poffs, tl.sum(g * xhat, axis=0), mask=cmask)
@@ -121,27 +133,12 @@ def _mod_ln_fwd(Y, XN, S, SKIP, W, Bias, OUT, MEAN, RSTD, L, CV, T, eps,
                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
-    b = pid // T
-    t = pid % T
-    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rl < L
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    row = b.to(tl.int64) * L + rl
-    offs = row[:, None] * C + cols[None, :]
+    b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
     skip = tl.load(SKIP).to(tl.float32)
     a = tl.load(S + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * skip
-    z = y * xn * a[None, :]
-    mean = tl.sum(z, axis=1) / C
-    zc = tl.where(mask, z - mean[:, None], 0.0)
-    var = tl.sum(zc * zc, axis=1) / C
-    rstd = 1.0 / tl.sqrt(var + eps)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    bb = tl.load(Bias + cols, mask=cmask, other=0.0).to(tl.float32)
-    out = zc * rstd[:, None] * w[None, :] + bb[None, :]
+    out, mean, rstd = _layer_norm_rows(y * xn * a[None, :], mask, cols, cmask, W, Bias, C, eps)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean, mask=rmask)
     tl.store(RSTD + row, rstd, mask=rmask)
@@ -152,15 +149,7 @@ def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, 
                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
-    b = pid // T
-    t = pid % T
-    rl = t * BLOCK_L + tl.arange(0, BLOCK_L)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rl < L
-    cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
-    row = b.to(tl.int64) * L + rl
-    offs = row[:, None] * C + cols[None, :]
+    b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
@@ -172,9 +161,7 @@ def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, 
     zhat = tl.where(mask, (yx * a[None, :] - mean[:, None]) * rstd[:, None], 0.0)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dzhat = g * w[None, :]
-    c1 = tl.sum(dzhat * zhat, axis=1) / C
-    c2 = tl.sum(dzhat, axis=1) / C
-    dz = tl.where(mask, (dzhat - zhat * c1[:, None] - c2[:, None]) * rstd[:, None], 0.0)
+    dz = tl.where(mask, _layer_norm_rows_bwd(dzhat, zhat, rstd, C), 0.0)
     dza = dz * a[None, :]
     tl.store(DY + offs, (dza * xn).to(DY.dtype.element_ty), mask=mask)
     tl.store(DXN + offs, (dza * y).to(DXN.dtype.element_ty), mask=mask)
