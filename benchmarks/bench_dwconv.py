@@ -8,9 +8,8 @@ reads x and writes y (2 passes); forward + backward adds the backward's minimum 
 write grad_x: 3 passes), against the device-to-device copy bandwidth measured in the same run. torch =
 F.conv2d (channels_last, cuDNN) + activation, autograd for the backward, with the weights cast to x's
 dtype as autocast does. The fused backward recomputes the forward with the Triton kernel and then runs
-cuDNN's depthwise dgrad/wgrad. --sweep times the forward's configurations (triton_dwconv.CONFIG): the
-"tiles" kernel (elements per program / warps) and the sliding-window "rows" kernel (rows x channels per
-program / warps), and marks the best.
+cuDNN's depthwise dgrad/wgrad. --sweep times the forward's tile configurations (triton_dwconv.CONFIG:
+rows x channels per program / warps) and marks the best.
 The markdown table is printed and, if $OUT is set, written to $OUT/bench_dwconv.md.
 """
 from __future__ import annotations
@@ -24,13 +23,12 @@ import torch
 from groupmamba.ops import dwconv as D
 from groupmamba.ops import triton_dwconv as td
 
-from benchutil import capture_graph, copy_bandwidth_gbs, device_name, time_ms
+from benchutil import copy_bandwidth_gbs, device_name, graph_ms, write_report
 
 # (H=W, C, act): GroupMamba-T stages, mixer conv then FFN conv
 SHAPES = [(56, 64, "silu"), (56, 512, "gelu"), (28, 128, "silu"), (28, 1024, "gelu"),
           (14, 348, "silu"), (14, 1392, "gelu"), (7, 448, "silu"), (7, 1792, "gelu")]
-FWD_CONFIGS = [(1024, 4), (2048, 8), (1024, 8), (4096, 8)]       # "tiles" kernel: (elems, num_warps)
-ROWS_CONFIGS = [(4, 128, 4), (8, 64, 4), (2, 128, 4), (8, 128, 4)]  # "rows" kernel: (block_h, block_c, warps)
+FWD_CONFIGS = [(4, 128, 4), (2, 128, 4), (8, 64, 4), (2, 64, 2), (4, 256, 8)]  # (block_h, block_c, num_warps)
 
 
 def cases(B, hw, C, act, dtype, device):
@@ -58,10 +56,6 @@ def fb_fn(fn, x, w, b, g, act):
     return run
 
 
-def device_ms(fn, device, iters):
-    return time_ms(capture_graph(fn, lambda: None), device, 3, iters)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
@@ -82,25 +76,20 @@ def main(argv=None) -> int:
     lines = [head, ""]
     defaults = dict(td.CONFIG)
     if args.sweep:
-        lines += ["| H=W | C | act | " + " | ".join(f"tiles {e}/{w}" for e, w in FWD_CONFIGS) + " | "
-                  + " | ".join(f"rows {h}x{c}/{w}" for h, c, w in ROWS_CONFIGS) + " |",
-                  "|---|---|---|" + "---|" * (len(FWD_CONFIGS) + len(ROWS_CONFIGS))]
+        lines += ["| H=W | C | act | " + " | ".join(f"{h}x{c}/{w}" for h, c, w in FWD_CONFIGS) + " |",
+                  "|---|---|---|" + "---|" * len(FWD_CONFIGS)]
         for hw, C, act in SHAPES:
             x, w, b, g = cases(args.batch, hw, C, act, dtype, device)
             fw = []
-            for e, nw in FWD_CONFIGS:
-                td.CONFIG.update(defaults, kernel="tiles", elems=e, num_warps=nw)
-                fw.append(device_ms(fwd_fn(D.dwconv_act, x, w, b, act), device, args.iters))
-            for bh, bc, nw in ROWS_CONFIGS:
-                td.CONFIG.update(defaults, kernel="rows", rows_block_h=bh, rows_block_c=bc, rows_warps=nw)
-                fw.append(device_ms(fwd_fn(D.dwconv_act, x, w, b, act), device, args.iters))
+            for bh, bc, nw in FWD_CONFIGS:
+                td.CONFIG.update(defaults, block_h=bh, block_c=bc, num_warps=nw)
+                fw.append(graph_ms(fwd_fn(D.dwconv_act, x, w, b, act), args.iters))
             mark = lambda v, vs: f"**{v * 1e3:.0f}**" if v == min(vs) else f"{v * 1e3:.0f}"  # noqa: E731
             row = f"| {hw} | {C} | {act} | " + " | ".join(mark(v, fw) for v in fw) + " |"
             print(row, flush=True)
             lines.append(row)
         td.CONFIG.update(defaults)
-        lines += ["", "(forward us; tiles: elements per program / num_warps; rows: rows x channels per program / "
-                  "num_warps)", ""]
+        lines += ["", "(forward us; rows x channels per program / num_warps)", ""]
 
     lines += ["| H=W | C | act | fwd torch us | fwd fused us | speed-up | fwd GB/s (% copy) | fwd+bwd torch us | "
               "fwd+bwd fused us | speed-up | fwd+bwd GB/s (% copy) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -109,18 +98,15 @@ def main(argv=None) -> int:
         nbytes = x.numel() * x.element_size()
         r = {}
         for name, fn in (("torch", torch_path), ("fused", D.dwconv_act)):
-            r[name] = (device_ms(fwd_fn(fn, x, w, b, act), device, args.iters),
-                       device_ms(fb_fn(fn, x, w, b, g, act), device, args.iters))
+            r[name] = (graph_ms(fwd_fn(fn, x, w, b, act), args.iters),
+                       graph_ms(fb_fn(fn, x, w, b, g, act), args.iters))
         (tf, tfb), (ff, ffb) = r["torch"], r["fused"]
         gf, gfb = 2 * nbytes / ff / 1e6, 5 * nbytes / ffb / 1e6
         row = (f"| {hw} | {C} | {act} | {tf * 1e3:.0f} | {ff * 1e3:.0f} | {tf / ff:.2f}x | {gf:.0f} ({gf / bw:.0%}) | "
                f"{tfb * 1e3:.0f} | {ffb * 1e3:.0f} | {tfb / ffb:.2f}x | {gfb:.0f} ({gfb / bw:.0%}) |")
         print(row, flush=True)
         lines.append(row)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_dwconv.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_report(args.out, "bench_dwconv.md", "\n".join(lines))
     return 0
 
 

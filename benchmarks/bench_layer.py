@@ -31,7 +31,7 @@ from groupmamba import _native
 from groupmamba.models.mixer import GroupMambaLayer
 from groupmamba.ops import layernorm_pool, modulate_layernorm
 
-from benchutil import capture_graph, copy_bandwidth_gbs, device_name, time_ms
+from benchutil import capture_graph, copy_bandwidth_gbs, device_name, time_ms, write_report
 
 STAGES = {  # (H=W, dim) per stage
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -259,10 +259,7 @@ def main(argv=None) -> int:
     lines += ["", f"total wall time {time.perf_counter() - t_start:.0f} s"]
     text = "\n".join(lines)
     print("\n" + text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_layer.md"), "w") as f:
-            f.write(text + "\n")
+    write_report(args.out, "bench_layer.md", text)
     return 0
 
 

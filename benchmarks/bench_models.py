@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchutil import capture_graph, device_name  # benchmarks/ is on sys.path when run as a script
+from benchutil import capture_graph, device_name, write_report  # benchmarks/ is on sys.path when run as a script
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -237,12 +237,8 @@ def main(argv=None) -> int:
                      f"| {r['ms_per_iter']:.1f} | {r['peak_mem_gib']:.2f} | {ratio} |")
     text = "\n".join([header, "", *table, "", f"total wall time {time.perf_counter() - t0:.0f}s"])
     print("\n" + text)
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_models.md"), "w") as f:
-            f.write(text + "\n")
-        with open(os.path.join(args.out, "bench_models.json"), "w") as f:
-            json.dump(dict(header=header, rows=rows), f, indent=1)
+    write_report(args.out, "bench_models.md", text)
+    write_report(args.out, "bench_models.json", json.dumps(dict(header=header, rows=rows), indent=1))
     return 0
 
 

@@ -2,16 +2,30 @@
 and the device-to-device copy bandwidth that kernels are judged against."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
 
 import torch
 
+from groupmamba.atomic import atomic_write
+
 
 def device_name(device) -> str:
     device = torch.device(device)
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+
+
+def write_report(out_dir, name: str, text: str) -> None:
+    """Writes ``text`` to ``out_dir/name`` atomically (nothing when out_dir is empty or None)."""
+    if not out_dir:
+        return
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+    atomic_write(os.path.join(out_dir, name), write)
 
 
 def time_ms(fn, device, warmup: int, iters: int) -> float:
@@ -36,6 +50,11 @@ def time_ms(fn, device, warmup: int, iters: int) -> float:
         events.append((s, e))
     torch.cuda.synchronize(device)
     return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def graph_ms(fn, iters: int) -> float:
+    """Median device milliseconds of fn as CUDA-graph replays (launch gaps drop out)."""
+    return time_ms(capture_graph(fn, lambda: None), "cuda", 3, iters)
 
 
 def copy_bandwidth_gbs(device="cuda") -> float:

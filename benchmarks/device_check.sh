@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The whole product on a GPU machine, in one script: build, every GPU test, model throughput, a short
 # training run (1 GPU, then 2-GPU DDP when two GPUs are visible). Logs go to $OUT (default ./device_out).
-#   RUN_STEPS="build tests models train layer profile dwconv"   which steps to run (default: all, in this order)
+#   RUN_STEPS="build tests models train layer profile dwconv gemm"   which steps to run (default: all, in this order)
 #   layer:   benchmarks/bench_layer.py (one GroupMambaLayer fwd/bwd at every stage shape vs the official-style
 #            path; LAYER_BENCH_ARGS, LAYER_TIMEOUT=200), profile: benchmarks/profile_model.py (torch.profiler of
 #            a T training and inference step; PROFILE_ARGS, PROFILE_TIMEOUT=120; trace_train.json.gz in $OUT)
-#   dwconv:  benchmarks/bench_dwconv.py --sweep (both forward kernels, every tile configuration, vs cuDNN;
+#   dwconv:  benchmarks/bench_dwconv.py --sweep (the forward kernel's tile configurations, vs cuDNN;
 #            DWCONV_TIMEOUT=150)
+#   gemm:    benchmarks/bench_gemm.py (T's Linear GEMMs as cuBLAS runs them and padded; bias column sums;
+#            GEMM_TIMEOUT=120)
 # Kernel-level benchmarks have their own scripts: device_scan.sh, device_modulation.sh.
 set -u -o pipefail
 export OUT=${OUT:-$PWD/device_out}
@@ -14,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 PY=${PYTHON:-python3}
 SRC=$PWD
-RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile dwconv"}
+RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile dwconv gemm"}
 status=0
 has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
 
@@ -52,5 +54,9 @@ fi
 if has dwconv; then
   OUT="$OUT" timeout ${DWCONV_TIMEOUT:-150} $PY "$SRC/benchmarks/bench_dwconv.py" --sweep 2>&1 \
     | tee "$OUT/bench_dwconv.log" | tail -30 || status=1
+fi
+if has gemm; then
+  OUT="$OUT" timeout ${GEMM_TIMEOUT:-120} $PY "$SRC/benchmarks/bench_gemm.py" 2>&1 \
+    | tee "$OUT/bench_gemm.log" | tail -35 || status=1
 fi
 exit $status

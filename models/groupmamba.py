@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ConvFFN, DownSample, FFN, LayerNorm, Stem, init_weights, tokens_to_map
+from .layers import ConvFFN, DownSample, FFN, LayerNorm, Linear, Stem, init_weights, tokens_to_map
 from .mixer import GroupMambaLayer
 
 
@@ -175,9 +175,9 @@ class GroupMamba(nn.Module):
                 m.recompute = enable
 
     def set_fused(self, fused: bool = True) -> None:
-        """Switches every mixer and LayerNorm between the fast path and the official-style path."""
+        """Switches every mixer, LayerNorm and Linear between the fast path and the official-style path."""
         for m in self.modules():
-            if isinstance(m, (GroupMambaLayer, LayerNorm, ConvFFN)):
+            if isinstance(m, (GroupMambaLayer, LayerNorm, ConvFFN, Linear)):
                 m.fused = fused
 
     def set_proj_impl(self, proj_impl: str) -> None:

@@ -12,7 +12,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from groupmamba.ops import dwconv_act, group_layer_norm
+from groupmamba.ops import dwconv_act, group_layer_norm, linear
 from groupmamba.ops._util import autocast_dtype
 
 
@@ -109,10 +109,10 @@ class ConvFFN(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, recompute: bool = True):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.dwconv = DWConv(hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.recompute = recompute
         self.fused = True  # dwconv + bias + GELU in one kernel (ops.dwconv_act); set by GroupMamba.set_fused
 
@@ -142,6 +142,18 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, keys and semantics) on ops.linear (16-bit GEMMs padded to widths that
+    are multiples of 8); ``fused=False`` (set by GroupMamba.set_fused) runs F.linear."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias) if self.fused else super().forward(x)
 
 
 class LayerNorm(nn.LayerNorm):

@@ -22,11 +22,12 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from groupmamba.ops import (dwconv_act, group_layer_norm, grouped_scan, grouped_scan_naive, layernorm_pool,
+from groupmamba.ops import (dwconv_act, group_layer_norm, grouped_scan, grouped_scan_naive, layernorm_pool, linear,
                             modulate_layernorm)
 from groupmamba.ops._util import autocast_dtype
+
+from .layers import Linear
 
 GROUPS = 4
 PROJ_IMPLS = ("auto", "blockdiag", "bmm")
@@ -136,7 +137,8 @@ class GroupMambaLayer(nn.Module):
         self.mamba_g2 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
         self.mamba_g3 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
         self.mamba_g4 = GroupSS2D(d, d_state=d_state, ssm_ratio=expand, d_conv=d_conv)
-        self.proj = nn.Linear(dim, out_dim)
+        self.proj = Linear(dim, out_dim)
+        self.proj.fused = fused
         self.skip_scale = nn.Parameter(torch.ones(1))
 
     @property
@@ -185,7 +187,7 @@ class GroupMambaLayer(nn.Module):
         w_in = torch.stack([g.in_proj.weight for g in self.groups])     # (4, 2d, d): rows [x | z]
         if self._use_blockdiag(xn):
             w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)
-            return F.linear(xn, w_xz[0]), F.linear(xn, w_xz[1])
+            return linear(xn, w_xz[0]), linear(xn, w_xz[1])
         xz = grouped_linear_bmm(xn, w_in)                               # (4, M, 2d)
         return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))
 
@@ -211,7 +213,7 @@ class GroupMambaLayer(nn.Module):
         """Every group's out_proj in one GEMM, (B, H, W, C) -> (B, H, W, C)."""
         w_out = torch.stack([g.out_proj.weight for g in self.groups])   # (4, d, d)
         if self._use_blockdiag(y):
-            return F.linear(y, block_diagonal(w_out))
+            return linear(y, block_diagonal(w_out))
         return ungroup(grouped_linear_bmm(y, w_out), y.shape[:3])
 
     def _mix_unfused(self, xn: torch.Tensor) -> torch.Tensor:

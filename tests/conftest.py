@@ -51,6 +51,22 @@ def poison_cuda_cache():
     torch.cuda.synchronize()
 
 
+def eager_and_cuda_graph(fn):
+    """(eager, graphed): fn() run once eagerly on a side stream (which is also the warm-up capture needs),
+    then captured in a CUDA graph and replayed once. fn must return tensors it allocates itself."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return eager, graphed
+
+
 def run_triton_interpreter(test_file: str) -> None:
     """Runs ``test_file --interpret`` with TRITON_INTERPRET=1 in a subprocess (the variable must be set
     before Triton is imported); its checks print "interpreter checks passed" when all pass."""

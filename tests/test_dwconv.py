@@ -2,8 +2,8 @@
 
 * CPU (always): the reference vs a float64 hand computation (explicit 3x3 stencil with zero padding),
   forward and gradients of x, weight, bias; argument errors.
-* Triton interpreter (always, when Triton is importable): both forward kernels (tiles and the
-  sliding-window rows variant) and the backward (recompute + aten.convolution_backward) on CPU tensors
+* Triton interpreter (always, when Triton is importable): the forward kernel at several tile sizes
+  and the backward (recompute + aten.convolution_backward) on CPU tensors
   with TRITON_INTERPRET=1, in a subprocess.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
   1392), fp32 / bf16 / fp16, outputs poisoned first; under bf16 autocast.
@@ -80,30 +80,26 @@ def test_argument_errors():
         D.dwconv_act(x.long(), w, b, "silu")
 
 
-# (shape, act, tile): "tiles" kernel: elements per program; "rows" kernel: (rows, channels) per program.
-# Small tiles give several programs per image and ragged last tiles (rows past H, channels past C).
-INTERPRET_CASES = [((2, 5, 7, 16), "silu", None, (4, 128)), ((1, 6, 6, 20), "gelu", None, (2, 16)),
-                   ((2, 4, 9, 8), "none", 64, (4, 16)), ((1, 1, 1, 12), "gelu", None, (4, 128)),
-                   ((2, 7, 7, 40), "silu", 128, (8, 32)), ((1, 3, 5, 24), "gelu", 32, (1, 16))]
+# (shape, act, (rows, channels) per program): small tiles give several programs per image and ragged
+# last tiles (rows past H, channels past C); a loop step of three columns past W (W % 3 != 0).
+INTERPRET_CASES = [((2, 5, 7, 16), "silu", (4, 128)), ((1, 6, 6, 20), "gelu", (2, 16)),
+                   ((2, 4, 9, 8), "none", (4, 16)), ((1, 1, 1, 12), "gelu", (4, 128)),
+                   ((2, 7, 7, 40), "silu", (8, 32)), ((1, 3, 5, 24), "gelu", (1, 16))]
 
 
 def _interpret_checks():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from groupmamba.ops import triton_dwconv as td
     defaults = dict(td.CONFIG)
-    for kernel in ("tiles", "rows"):
-        for shape, act, elems, (bh, bc) in INTERPRET_CASES:
-            td.CONFIG.update(defaults, kernel=kernel, elems=elems or defaults["elems"], rows_block_h=bh,
-                             rows_block_c=bc)
-            inp = make(*shape)
-            compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4,
-                    f"interpreter {kernel} {shape} {act}")
-        td.CONFIG.update(defaults, kernel=kernel)
-        inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
-        res = run(D.dwconv_act_fused, inp, "gelu")
-        compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, f"interpreter {kernel} bf16")
-        assert res["out"].dtype == res["dx"].dtype == torch.bfloat16 and res["dweight"].dtype == torch.float32
+    for shape, act, (bh, bc) in INTERPRET_CASES:
+        td.CONFIG.update(defaults, block_h=bh, block_c=bc)
+        inp = make(*shape)
+        compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {shape} {act}")
     td.CONFIG.update(defaults)
+    inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
+    res = run(D.dwconv_act_fused, inp, "gelu")
+    compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")
+    assert res["out"].dtype == res["dx"].dtype == torch.bfloat16 and res["dweight"].dtype == torch.float32
     print("interpreter checks passed")
 
 
@@ -121,14 +117,12 @@ GPU_SHAPES = [(2, 56, 56, 64), (2, 56, 56, 512), (2, 28, 28, 1024), (2, 14, 14, 
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ("silu", "gelu"))
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-@pytest.mark.parametrize("kernel", ("tiles", "rows"))   # the forward kernel (triton_dwconv.CONFIG["kernel"])
-def test_gpu_fused_vs_float64(kernel, shape, act, dt, monkeypatch):
-    monkeypatch.setitem(D._td.CONFIG, "kernel", kernel)
+def test_gpu_fused_vs_float64(shape, act, dt):
     inp = make(*shape, dtype=dt, device="cuda")
     poison_cuda_cache()
     res = run(D.dwconv_act, inp, act)
     tol = 1e-5 if dt == torch.float32 else 1e-2
-    compare(res, hand64(inp, act), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu {kernel} {shape} {act} {dt}")
+    compare(res, hand64(inp, act), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu {shape} {act} {dt}")
     assert res["out"].dtype == dt
 
 

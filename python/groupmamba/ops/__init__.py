@@ -1,6 +1,7 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm and the depthwise conv + activation."""
+(gated) LayerNorm, the depthwise conv + activation and a Linear with padded GEMMs."""
 from .dwconv import dwconv_act
+from .fast_linear import linear
 from .modulation import layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
 from .norm import group_layer_norm
@@ -17,6 +18,7 @@ __all__ = [
     "grouped_scan",
     "grouped_scan_naive",
     "grouped_scan_reference",
+    "linear",
     "layernorm_pool",
     "modulate_layernorm",
     "scan_order",

@@ -1,23 +1,20 @@
-"""Triton kernels for the depthwise 3x3 convolution + bias + activation on channels-last tokens.
+"""Triton kernel for the depthwise 3x3 convolution + bias + activation on channels-last tokens.
 
 x (B, H, W, C) contiguous (the model's (B, L, C) tokens), weight as (9, C) fp32 taps, bias (C,).
 
-Tiling: a program owns BLOCK_P consecutive positions of the flattened (B*H*W) index and BLOCK_C
-channels. Each of the nine taps is one load of the tile shifted by (dh-1)*W + (dw-1) positions, masked
-where the neighbour falls outside its image (zero padding); neighbours mostly hit L1/L2. Offsets inside
-a tile are 32-bit and relative to the tile's 64-bit base pointer, and C is left to Triton's divisibility
-specialisation, so loads and stores along C are 16-byte vectors whenever C % 8 == 0 (bf16). The first
-version of this kernel used 64-bit per-element addresses, an unspecialised C and 4096-element tiles: 255
-registers with spills, scalar loads, 2.6 ms for one GroupMamba-T stage-1 FFN conv at B=128 on an H200.
-
-Forward (_dwconv_fwd): accumulate in fp32, add bias, SiLU or exact (erf) GELU, store in x's dtype.
-A second forward, _dwconv_fwd_rows (CONFIG["kernel"] = "rows"), walks each image row with the 3x3
-window in registers (3 loads per output instead of 9, about 40% fewer instructions per element by the
-compiler's output); it passes the interpreter tests but has not been timed on a GPU, so "tiles" stays
-the default until bench_dwconv.py --sweep says otherwise.
+Forward (_dwconv_fwd): a program owns BLOCK_H output rows x BLOCK_C channels of one image and walks
+along W with the 3x3 input window in registers, so each output column costs 3 loads instead of 9 and
+the row masks are computed once per program. Loads and stores run along C, 16-byte vectors when
+C % 8 == 0 (bf16). Accumulate in fp32, add bias, SiLU or exact (erf) GELU, store in x's dtype.
+History, H200, GroupMamba-T stage-1 FFN conv (C=512 at 56x56, B=128, bf16): the first kernel (one tile
+of flattened positions, nine shifted tile loads, 64-bit per-element addresses) took 2.6 ms with 255
+registers and spills; with 32-bit in-tile offsets 0.78 ms (88 SASS instructions per element, issue-
+bound); this sliding-window kernel 0.56 ms (52 per element), and it was faster or equal at every
+GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us). See BENCHMARKS.md, "Depthwise conv kernels".
 Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
 the activation's derivative, and hand the rest to aten.convolution_backward (cuDNN's NHWC depthwise
-dgrad and wgrad): dx, dweight and dbias. Only x is saved, not the conv output.
+dgrad and wgrad) for dx and dweight; dbias is triton_colsum.column_sum of the pre-activation's
+gradient. Only x is saved, not the conv output.
 A fused Triton backward (recompute + activation derivative + per-program weight-gradient partials in one
 kernel, then dx as this forward with flipped taps) was measured on an H200 on 2026-11-28 and was slower:
 22 ms of a GroupMamba-T training step against ~11 ms for the cuDNN kernels (see BENCHMARKS.md).
@@ -28,59 +25,23 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_colsum import column_sum
+
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
-# elems: tile size (positions x channels), 8 per thread at 8 warps; the best of the H200 sweep
-# (benchmarks/bench_dwconv.py --sweep) at most of GroupMamba-T's shapes
-# kernel: "tiles" (_dwconv_fwd, measured on an H200) or "rows" (_dwconv_fwd_rows, the sliding-window
-# variant: tested with the Triton interpreter and compiled for sm_90, not yet timed on a GPU)
-CONFIG = {"elems": 2048, "num_warps": 8, "block_c": None,
-          "kernel": "tiles", "rows_block_h": 4, "rows_block_c": 128, "rows_warps": 4}
+# block_h: output rows per program (None: 4 for H >= 28, else 2, the better of the two at every
+# GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
+# program (capped at C's next power of two); num_warps
+CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4}
+
+
+def tiles(H: int, C: int):
+    """(BLOCK_H, BLOCK_C, num_warps) for an H-row image with C channels."""
+    block_h = CONFIG["block_h"] or (4 if H >= 28 else 2)
+    block_c = min(CONFIG["block_c"], max(16, triton.next_power_of_2(C)))
+    return block_h, block_c, CONFIG["num_warps"]
+
 
 _INV_SQRT2 = tl.constexpr(0.7071067811865476)
-
-
-def tiles(C: int):
-    """(BLOCK_P, BLOCK_C, num_warps) for C channels."""
-    block_c = CONFIG["block_c"] or min(128, max(16, triton.next_power_of_2(C)))
-    block_p = max(1, CONFIG["elems"] // block_c)
-    return block_p, block_c, CONFIG["num_warps"]
-
-
-@triton.jit
-def _tap_tile(X, rp, cs, cmask, pok, h, w, H, W, C, DH: tl.constexpr, DW: tl.constexpr):
-    """x at the tile's positions shifted by (DH-1, DW-1), zero outside the image, as fp32."""
-    hn = h + (DH - 1)
-    wn = w + (DW - 1)
-    ok = pok & (hn >= 0) & (hn < H) & (wn >= 0) & (wn < W)
-    offs = (rp + ((DH - 1) * W + (DW - 1)))[:, None] * C + cs[None, :]
-    return tl.load(X + offs, mask=ok[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit(do_not_specialize=["NPOS", "H", "W"])
-def _dwconv_fwd(X, WT, Bias, OUT, NPOS, H, W, C, ACT: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    p0 = tl.program_id(0) * BLOCK_P
-    rp = tl.arange(0, BLOCK_P)
-    p = p0 + rp
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cs < C
-    pok = p < NPOS
-    w = p % W
-    h = (p // W) % H
-    base = p0.to(tl.int64) * C
-    Xb = X + base
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for dh in tl.static_range(3):
-        for dw in tl.static_range(3):
-            tap = tl.load(WT + (dh * 3 + dw) * C + cs, mask=cmask, other=0.0)
-            acc += _tap_tile(Xb, rp, cs, cmask, pok, h, w, H, W, C, dh, dw) * tap[None, :]
-    acc += tl.load(Bias + cs, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = acc * tl.sigmoid(acc)
-    elif ACT == 2:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
-    offs = rp[:, None] * C + cs[None, :]
-    tl.store(OUT + base + offs, acc.to(OUT.dtype.element_ty), mask=pok[:, None] & cmask[None, :])
 
 
 @triton.jit
@@ -102,11 +63,8 @@ def _out_col(obase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
 
 
 @triton.jit(do_not_specialize=["H", "W", "NHB"])
-def _dwconv_fwd_rows(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
+def _dwconv_fwd(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
                      BLOCK_C: tl.constexpr):
-    """Sliding-window variant: a program owns BLOCK_H output rows x BLOCK_C channels of one image and
-    walks along W, keeping the 3x3 input window in registers: 3 loads per output column instead of 9,
-    and the row masks are computed once per program."""
     pid = tl.program_id(0)
     b = pid // NHB
     hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -162,26 +120,19 @@ def _dwconv_fwd_rows(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H:
 
 def _check_size(x):
     B, H, W, C = x.shape
-    if B * H * W + 2 * W + 2 >= 2 ** 31 or (H + 1) * W * C >= 2 ** 31:
+    if (H + 1) * W * C >= 2 ** 31:  # offsets inside one image are 32-bit (the image base is 64-bit)
         raise ValueError(f"dwconv_act: x of shape {tuple(x.shape)} is too large for the fused kernel "
-                         "(32-bit position and in-image offsets); split the batch or the image")
+                         "(32-bit offsets inside one image); split the image")
 
 
 def _conv(x, taps, bias, act: str):
     B, H, W, C = x.shape
     out = torch.empty_like(x)
-    if out.numel() and CONFIG["kernel"] == "rows":
-        bh, bc, nw = CONFIG["rows_block_h"], min(CONFIG["rows_block_c"], max(16, triton.next_power_of_2(C))), \
-            CONFIG["rows_warps"]
+    if out.numel():
+        bh, bc, nw = tiles(H, C)
         nhb = triton.cdiv(H, bh)
-        _dwconv_fwd_rows[(B * nhb, triton.cdiv(C, bc))](x, taps, bias, out, H, W, C, nhb, ACT=ACTS[act],
-                                                        BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
-    elif out.numel():
-        npos = B * H * W
-        bp, bc, nw = tiles(C)
-        _dwconv_fwd[(triton.cdiv(npos, bp), triton.cdiv(C, bc))](
-            x, taps, bias, out, npos, H, W, C, ACT=ACTS[act], BLOCK_P=bp, BLOCK_C=bc,
-            num_warps=nw)
+        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, bias, out, H, W, C, nhb, ACT=ACTS[act],
+                                                   BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
     return out
 
 
@@ -211,9 +162,10 @@ class DWConvAct(torch.autograd.Function):
                     else torch.ops.aten.gelu_backward(grad_out, pre))
         C = x.shape[-1]
         nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
-        dx, dw, db = torch.ops.aten.convolution_backward(
+        dx, dw, _ = torch.ops.aten.convolution_backward(
             nchw(gpre), nchw(x), weight.to(x.dtype), [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        # the bias gradient with the Triton column sum instead of cuDNN/torch's reduction
+        db = column_sum(gpre.reshape(-1, C)).to(bias.dtype) if ctx.needs_input_grad[2] else None
         return (None if dx is None else dx.permute(0, 2, 3, 1),
-                None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype), None)
+                None if dw is None else dw.to(weight.dtype), db, None)

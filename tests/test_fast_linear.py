@@ -1,0 +1,180 @@
+"""ops.fast_linear.linear (F.linear; under CUDA graph capture, 16-bit GEMMs padded to multiples of 8) and
+triton_colsum.column_sum (the depthwise conv's bias gradient).
+
+* CPU (always): linear is F.linear on CPU (bit-identical values and gradients); linear_padded vs
+  F.linear in float64 at unaligned shapes (K and N padded, K only, N only; with and without bias), values
+  and gradients of x, weight and bias, and the strided view it returns.
+* Triton interpreter (always, when Triton is importable): column_sum vs float64 on ragged shapes (rows
+  and columns not multiples of the tile, one row, a single column, several row blocks), in a subprocess
+  with TRITON_INTERPRET=1.
+* GPU (@pytest.mark.gpu): column_sum at GroupMamba-T's bias-gradient shapes (fp32 / bf16), outputs
+  poisoned first; linear_padded in bf16 at the padded shapes (C = 348) vs float64, and under bf16
+  autocast vs F.linear's autocast result; linear pads inside a CUDA graph capture and not eagerly.
+
+Tolerances (relative Frobenius error vs float64): float64 1e-12; fp32 column sums 1e-5 (fp32
+accumulation over up to 4e5 rows); bf16 inputs 1e-2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import eager_and_cuda_graph, poison_cuda_cache, rel_err, run_triton_interpreter
+from groupmamba.ops import fast_linear as L
+
+try:
+    from groupmamba.ops import triton_colsum as TC
+    _TRITON_ERROR = None
+except Exception as e:  # noqa: BLE001
+    TC, _TRITON_ERROR = None, f"{type(e).__name__}: {e}"
+
+
+def make(M, K, N, dtype=torch.float32, device="cpu", lead=(), bias=True):
+    g = torch.Generator().manual_seed(torch.seed())
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    inp = dict(x=r(*lead, M, K).to(dtype).to(device), weight=(r(N, K) / K ** 0.5).to(dtype).to(device),
+               g=r(*lead, M, N).to(dtype).to(device))
+    if bias:
+        inp["bias"] = r(N).to(dtype).to(device)
+    return inp
+
+
+def run(fn, inp):
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias") if k in inp}
+    out = fn(*leaves.values())
+    (out.double() * inp["g"].double()).sum().backward()
+    return dict(out=out, **{"d" + k: v.grad for k, v in leaves.items()})
+
+
+def check(res, ref, tol, what):
+    for k in ref:
+        assert res[k].shape == ref[k].shape, (what, k)
+        e = rel_err(res[k], ref[k])
+        assert e <= tol, f"{what}: {k} rel err {e:.3g} > {tol}"
+
+
+def ref64(inp):
+    return run(F.linear, {k: v.double().cpu() for k, v in inp.items()})
+
+
+def test_pad_to():
+    assert [L._pad_to(n) for n in (1, 8, 87, 348, 1392)] == [8, 8, 88, 352, 1392]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_is_f_linear(bias):
+    inp = make(7, 12, 5, lead=(2,), bias=bias)
+    res, ref = run(L.linear, inp), run(F.linear, inp)
+    for k in ref:
+        assert torch.equal(res[k], ref[k]), k
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("K,N", [(22, 37), (21, 40), (24, 35), (87, 5)])   # both padded, K only, N only
+def test_padded_matches_f_linear_float64(K, N, bias):
+    inp = make(13, K, N, dtype=torch.float64, lead=(3,), bias=bias)
+    res = run(lambda *a: L.linear_padded(a[0], a[1], a[2] if bias else None, torch.float64), inp)
+    check(res, ref64(inp), 1e-12, f"padded K={K} N={N} bias={bias}")
+    assert res["out"].stride()[-2:] == (L._pad_to(N), 1)        # the view of the padded product
+
+
+def test_padded_bf16_casts_like_autocast():
+    inp = make(40, 87, 30)
+    res = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16), inp)
+    assert res["out"].dtype == torch.bfloat16
+    assert res["dx"].dtype == res["dweight"].dtype == res["dbias"].dtype == torch.float32
+    check(res, ref64(inp), 1e-2, "padded bf16")
+
+
+def test_column_sum_rejects_non_matrix():
+    if TC is None:
+        pytest.skip(f"Triton not importable ({_TRITON_ERROR})")
+    with pytest.raises(ValueError, match=r"must be \(M, N\)"):
+        TC.column_sum(torch.zeros(2, 3, 4))
+
+
+# (M, N): ragged columns (N % 128 != 0), rows not a multiple of the row tile, one row, a single column
+COLSUM_CASES = [(1, 5), (33, 130), (300, 64), (1000, 7), (257, 256), (64, 1)]
+
+
+def _interpret_checks():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    saved = dict(TC.CONFIG)
+    TC.CONFIG.update(programs=8)            # several row blocks, so the partial-row stage is exercised
+    for M, N in COLSUM_CASES:
+        g = torch.randn(M, N, dtype=torch.float64)
+        out = TC.column_sum(g.float())
+        assert out.dtype == torch.float32 and out.shape == (N,)
+        e = rel_err(out, g.sum(0))
+        assert e <= 1e-6, (M, N, e)
+    TC.CONFIG.update(saved)
+    print("interpreter checks passed")
+
+
+def test_triton_interpreter_cpu():
+    if TC is None:
+        pytest.skip(f"Triton not importable ({_TRITON_ERROR})")
+    run_triton_interpreter(__file__)
+
+
+# GroupMamba-T at B=128: tokens x width of every depthwise-conv bias gradient (mixer and FFN convs)
+GPU_COLSUM = [(401408, 64), (401408, 512), (100352, 128), (100352, 1024), (25088, 348), (25088, 1392),
+              (6272, 448), (6272, 1792), (3, 5)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,N", GPU_COLSUM, ids=str)
+def test_gpu_column_sum_vs_float64(M, N, dt):
+    g = torch.randn(M, N, dtype=torch.float64, device="cuda").to(dt)
+    poison_cuda_cache()
+    out = TC.column_sum(g)
+    e = rel_err(out, g.double().sum(0))
+    assert out.dtype == torch.float32 and e <= 1e-5, e
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("M,K,N", [(25088, 348, 348), (25088, 348, 1392), (25088, 1392, 348), (7, 87, 5)], ids=str)
+def test_gpu_linear_padded_bf16_vs_float64(M, K, N, bias):
+    inp = make(M, K, N, dtype=torch.bfloat16, device="cuda", bias=bias)
+    poison_cuda_cache()
+    res = run(lambda *a: L.linear_padded(a[0], a[1], a[2] if bias else None, torch.bfloat16), inp)
+    assert res["out"].dtype == torch.bfloat16 and res["out"].stride() == (L._pad_to(N), 1)  # padded product
+    check(res, ref64(inp), 1e-2, f"gpu linear_padded bf16 {M}x{K}x{N}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gpu_linear_pads_under_graph_capture_only(autocast):
+    dt = torch.float32 if autocast else torch.bfloat16
+    inp = make(1568, 348, 348, dtype=dt, device="cuda")
+    x, w, b = inp["x"], inp["weight"], inp["bias"]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        eager, graphed = eager_and_cuda_graph(lambda: L.linear(x, w, b))
+    assert eager.is_contiguous() and graphed.stride() == (352, 1)   # F.linear / the padded product
+    assert eager.dtype == graphed.dtype == torch.bfloat16
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert rel_err(eager, ref) <= 1e-2 and rel_err(graphed, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(3136, 128, 1024), (196, 348, 1392), (196, 1392, 348)], ids=str)
+def test_gpu_linear_padded_under_autocast_matches_f_linear(M, K, N):
+    inp = make(M, K, N, device="cuda", lead=(4,))    # float32 x and parameters, as in the model
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        padded = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16), inp)
+        ref = run(F.linear, inp)
+    assert padded["out"].dtype == ref["out"].dtype == torch.bfloat16
+    assert padded["dx"].dtype == padded["dweight"].dtype == padded["dbias"].dtype == torch.float32
+    for k in ref:
+        e = rel_err(padded[k], ref[k])
+        assert e <= 1e-2, (k, e)
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    _interpret_checks()
