@@ -1,4 +1,4 @@
-"""The Triton kernels (modulation, grouped LayerNorm, depthwise conv) compile for Hopper (sm_90) with the launchers' tiles.
+"""The Triton kernels (modulation, grouped LayerNorm, depthwise conv, column sum) compile for Hopper (sm_90) with the launchers' tiles.
 
 CI has no GPU: the interpreter tests (test_modulation.py) check the arithmetic, this checks that the
 real compiler accepts every kernel, in fp32 and bf16, at a narrow (C=64) and a wide odd (C=348) row.
@@ -80,3 +80,13 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     consts = dict(ACT=td.ACTS[fn], BLOCK_H=block_h, BLOCK_C=block_c)
     compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT"}, act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("act", ["*fp32", "*bf16"])
+def test_colsum_kernel_compiles_for_sm90(act):
+    from groupmamba.ops import triton_colsum as tc
+    consts = dict(BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"])
+    compiled = compile_sm90(tc._colsum_partial, consts, {"M": "i32", "N": "i32", "ROWS": "i32"}, {"G"}, act,
+                            tc.CONFIG["num_warps"])
+    assert len(compiled.asm["cubin"]) > 0
+    assert ".target sm_90" in compiled.asm["ptx"]
