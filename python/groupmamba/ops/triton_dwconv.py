@@ -14,7 +14,7 @@ GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us). See BENCHMARKS.md, "Dept
 Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
 the activation's derivative, and hand the rest to aten.convolution_backward (cuDNN's NHWC depthwise
 dgrad and wgrad) for dx and dweight; dbias is triton_colsum.column_sum of the pre-activation's
-gradient. Only x is saved, not the conv output.
+gradient. Of the activations only x is saved, not the conv output.
 A fused Triton backward (recompute + activation derivative + per-program weight-gradient partials in one
 kernel, then dx as this forward with flipped taps) was measured on an H200 on 2026-11-28 and was slower:
 22 ms of a GroupMamba-T training step against ~11 ms for the cuDNN kernels (see BENCHMARKS.md).
@@ -28,8 +28,8 @@ import triton.language as tl
 from .triton_colsum import column_sum
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
-# block_h: output rows per program (None: 4 for H >= 28, else 2, the better of the two at every
-# GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
+# block_h: output rows per program (None: 4 for H >= 28, else 2: within 1 us of the better of the two at
+# every GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
 # program (capped at C's next power of two); num_warps
 CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4}
 
