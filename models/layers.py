@@ -145,8 +145,9 @@ class FFN(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, keys and semantics) on ops.linear (16-bit GEMMs padded to widths that
-    are multiples of 8); ``fused=False`` (set by GroupMamba.set_fused) runs F.linear."""
+    """nn.Linear (same parameters, keys and semantics) on ops.linear (inside a CUDA graph capture, 16-bit
+    GEMMs padded to widths that are multiples of 8); ``fused=False`` (set by GroupMamba.set_fused) runs
+    F.linear."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
