@@ -34,8 +34,9 @@ test: setup
 demo: setup
 	$(PY) -m groupmamba.train --demo --output runs/demo
 
+# model throughput (GroupMamba-T/S/B on a GPU, the small demo model on CPU); BENCH_ARGS e.g. --cuda-graph
 bench: setup
-	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_models.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build _skbuild dist *.egg-info
