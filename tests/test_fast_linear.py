@@ -11,8 +11,9 @@ triton_colsum.column_sum (the depthwise conv's bias gradient).
   poisoned first; linear_padded in bf16 at the padded shapes (C = 348) vs float64, and under bf16
   autocast vs F.linear's autocast result; linear pads inside a CUDA graph capture and not eagerly.
 
-Tolerances (relative Frobenius error vs float64): float64 1e-12; fp32 column sums 1e-5 (fp32
-accumulation over up to 4e5 rows); bf16 inputs 1e-2.
+Tolerances: relative Frobenius error vs float64 for linear (float64 1e-12; bf16 inputs 1e-2); column
+sums: error per column relative to the column's sum of |g| <= 1e-6 (fp32 accumulation; the exact sum
+of the same fp32/bf16 inputs is the reference).
 """
 from __future__ import annotations
 
@@ -97,6 +98,16 @@ def test_column_sum_rejects_non_matrix():
         TC.column_sum(torch.zeros(2, 3, 4))
 
 
+def colsum_err(out, g):
+    """Largest |out - exact column sum| over the columns, relative to that column's sum of |g|: the
+    scale of fp32 accumulation error (a relative error of the sum itself is unbounded under
+    cancellation). NaN or Inf gives inf."""
+    g64 = g.double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double().cpu() - g64.sum(0)).abs() / g64.abs().sum(0).clamp_min(1e-300)).max().item()
+
+
 # (M, N): ragged columns (N % 128 != 0), rows not a multiple of the row tile, one row, a single column
 COLSUM_CASES = [(1, 5), (33, 130), (300, 64), (1000, 7), (257, 256), (64, 1)]
 
@@ -106,10 +117,10 @@ def _interpret_checks():
     saved = dict(TC.CONFIG)
     TC.CONFIG.update(programs=8)            # several row blocks, so the partial-row stage is exercised
     for M, N in COLSUM_CASES:
-        g = torch.randn(M, N, dtype=torch.float64)
-        out = TC.column_sum(g.float())
+        g = torch.randn(M, N, dtype=torch.float64).float()
+        out = TC.column_sum(g)
         assert out.dtype == torch.float32 and out.shape == (N,)
-        e = rel_err(out, g.sum(0))
+        e = colsum_err(out, g)
         assert e <= 1e-6, (M, N, e)
     TC.CONFIG.update(saved)
     print("interpreter checks passed")
@@ -133,8 +144,8 @@ def test_gpu_column_sum_vs_float64(M, N, dt):
     g = torch.randn(M, N, dtype=torch.float64, device="cuda").to(dt)
     poison_cuda_cache()
     out = TC.column_sum(g)
-    e = rel_err(out, g.double().sum(0))
-    assert out.dtype == torch.float32 and e <= 1e-5, e
+    e = colsum_err(out, g)
+    assert out.dtype == torch.float32 and e <= 1e-6, e
 
 
 @pytest.mark.gpu
