@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args(argv)
     rows = [count(m.strip(), args.img) for m in args.models.split(",") if m.strip()]
-    print(f"| model | params | params (paper) | GFLOPs = GMACs (conv+linear+scan) | + norms | scan part | paper |")
+    print("| model | params | params (paper) | GFLOPs = GMACs (conv+linear+scan) | + norms | scan part | paper |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         p_params, p_flops = PAPER.get(r["model"], (None, None))

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import groupmamba
-from groupmamba.models import (MODEL_CONFIGS, CheckpointMismatchError, GroupMamba, create_model, load_checkpoint,
-                               save_state_dict)
+from groupmamba.models import MODEL_CONFIGS, CheckpointMismatchError, GroupMamba, create_model, save_state_dict
 
 from conftest import eager_and_cuda_graph, rel_err
 
