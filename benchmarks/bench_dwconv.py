@@ -23,7 +23,7 @@ import torch
 from groupmamba.ops import dwconv as D
 from groupmamba.ops import triton_dwconv as td
 
-from benchutil import copy_bandwidth_gbs, device_name, graph_ms, write_report
+from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_report
 
 # (H=W, C, act): GroupMamba-T stages, mixer conv then FFN conv
 SHAPES = [(56, 64, "silu"), (56, 512, "gelu"), (28, 128, "silu"), (28, 1024, "gelu"),
@@ -85,9 +85,7 @@ def main(argv=None) -> int:
                 td.CONFIG.update(defaults, block_h=bh, block_c=bc, num_warps=nw)
                 fw.append(graph_ms(fwd_fn(D.dwconv_act, x, w, b, act), args.iters))
             mark = lambda v, vs: f"**{v * 1e3:.0f}**" if v == min(vs) else f"{v * 1e3:.0f}"  # noqa: E731
-            row = f"| {hw} | {C} | {act} | " + " | ".join(mark(v, fw) for v in fw) + " |"
-            print(row, flush=True)
-            lines.append(row)
+            emit(lines, f"| {hw} | {C} | {act} | " + " | ".join(mark(v, fw) for v in fw) + " |")
         td.CONFIG.update(defaults)
         lines += ["", "(forward us; rows x channels per program / num_warps)", ""]
 
@@ -102,10 +100,9 @@ def main(argv=None) -> int:
                        graph_ms(fb_fn(fn, x, w, b, g, act), args.iters))
         (tf, tfb), (ff, ffb) = r["torch"], r["fused"]
         gf, gfb = 2 * nbytes / ff / 1e6, 5 * nbytes / ffb / 1e6
-        row = (f"| {hw} | {C} | {act} | {tf * 1e3:.0f} | {ff * 1e3:.0f} | {tf / ff:.2f}x | {gf:.0f} ({gf / bw:.0%}) | "
-               f"{tfb * 1e3:.0f} | {ffb * 1e3:.0f} | {tfb / ffb:.2f}x | {gfb:.0f} ({gfb / bw:.0%}) |")
-        print(row, flush=True)
-        lines.append(row)
+        emit(lines, f"| {hw} | {C} | {act} | {tf * 1e3:.0f} | {ff * 1e3:.0f} | {tf / ff:.2f}x | "
+                    f"{gf:.0f} ({gf / bw:.0%}) | {tfb * 1e3:.0f} | {ffb * 1e3:.0f} | {tfb / ffb:.2f}x | "
+                    f"{gfb:.0f} ({gfb / bw:.0%}) |")
     write_report(args.out, "bench_dwconv.md", "\n".join(lines))
     return 0
 

@@ -22,8 +22,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from benchutil import copy_bandwidth_gbs, device_name, graph_ms, write_report
+from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_report
 from groupmamba.models.registry import MODEL_CONFIGS
+from groupmamba.ops.fast_linear import _pad_to
 from groupmamba.ops.triton_colsum import column_sum
 
 STRIDES = (4, 8, 16, 32)
@@ -39,10 +40,6 @@ def linears(cfg, batch, img):
                                     ("proj", C, C, True, 1), ("fc1", C, hid, True, 1), ("fc2", hid, C, True, 1)):
             out.append((i + 1, name, M, K, N, bias, n * depth))
     return out
-
-
-def pad8(n):
-    return (n + 7) // 8 * 8
 
 
 def gemm_ms(M, K, N, dtype, iters):
@@ -76,22 +73,22 @@ def main(argv=None) -> int:
     cache, tot, tot_pad = {}, 0.0, 0.0
     rows = linears(MODEL_CONFIGS[args.model], args.batch, args.img)
     for stage, name, M, K, N, bias, count in rows:
-        for key in ((M, K, N), (M, pad8(K), pad8(N))):
+        Kp, Np = _pad_to(K), _pad_to(N)
+        for key in ((M, K, N), (M, Kp, Np)):
             if key not in cache:
                 cache[key] = gemm_ms(*key, dtype, args.iters)
-        t, tp = cache[(M, K, N)], cache[(M, pad8(K), pad8(N))]
-        flops = 3 * 2 * M * K * N
+        t, tp = cache[(M, K, N)], cache[(M, Kp, Np)]
         step, step_pad = count * sum(t), count * sum(tp)
         tot, tot_pad = tot + step, tot_pad + step_pad
-        row = (f"| {stage} | {name} | {M} | {K} | {N} | " + " | ".join(f"{v * 1e3:.0f}" for v in t)
-               + f" | {flops / sum(t) / 1e9:.0f} | {pad8(K)},{pad8(N)} | " + "/".join(f"{v * 1e3:.0f}" for v in tp)
-               + f" | {3 * 2 * M * pad8(K) * pad8(N) / sum(tp) / 1e9:.0f} | {step:.2f} | {step_pad:.2f} |")
-        print(row, flush=True)
-        lines.append(row)
+        emit(lines, f"| {stage} | {name} | {M} | {K} | {N} | " + " | ".join(f"{v * 1e3:.0f}" for v in t)
+             + f" | {3 * 2 * M * K * N / sum(t) / 1e9:.0f} | {Kp},{Np} | "
+             + "/".join(f"{v * 1e3:.0f}" for v in tp)
+             + f" | {3 * 2 * M * Kp * Np / sum(tp) / 1e9:.0f} | {step:.2f} | {step_pad:.2f} |")
     lines += [f"| all | | | | | | | | | | | | **{tot:.2f}** | **{tot_pad:.2f}** |", "",
               "(per step: forward + dgrad + wgrad once per Linear and block; a training step also re-runs the FFN's "
               "fc2 forward under recompute)", "",
-              "| M | N | torch grad.sum(0) us | column_sum us | speed-up | column_sum GB/s (% copy) |", "|---|---|---|---|---|---|"]
+              "| M | N | torch grad.sum(0) us | column_sum us | speed-up | column_sum GB/s (% copy) |",
+              "|---|---|---|---|---|---|"]
     seen = set()
     for stage, name, M, K, N, bias, count in rows:
         if not bias or (M, N) in seen:
@@ -100,9 +97,7 @@ def main(argv=None) -> int:
         g = torch.randn(M, N, device="cuda", dtype=dtype)
         tt, tc = graph_ms(lambda: g.sum(0), args.iters), graph_ms(lambda: column_sum(g), args.iters)
         gbs = g.numel() * g.element_size() / tc / 1e6
-        row = f"| {M} | {N} | {tt * 1e3:.0f} | {tc * 1e3:.0f} | {tt / tc:.2f}x | {gbs:.0f} ({gbs / bw:.0%}) |"
-        print(row, flush=True)
-        lines.append(row)
+        emit(lines, f"| {M} | {N} | {tt * 1e3:.0f} | {tc * 1e3:.0f} | {tt / tc:.2f}x | {gbs:.0f} ({gbs / bw:.0%}) |")
     write_report(args.out, "bench_gemm.md", "\n".join(lines))
     return 0
 

@@ -31,7 +31,7 @@ from groupmamba import _native
 from groupmamba.models.mixer import GroupMambaLayer
 from groupmamba.ops import layernorm_pool, modulate_layernorm
 
-from benchutil import capture_graph, copy_bandwidth_gbs, device_name, time_ms, write_report
+from benchutil import copy_bandwidth_gbs, device_name, graph_ms, time_ms, write_report
 
 STAGES = {  # (H=W, dim) per stage
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
                 r["fwd"] = time_ms(fwd, device, warmup, iters)
                 r["fb"] = time_ms(fb, device, warmup, iters)
                 if args.graph and not cpu:
-                    r["fb_graph"] = time_ms(capture_graph(fb, lambda: None), device, warmup, iters)
+                    r["fb_graph"] = graph_ms(fb, iters, warmup)
                 if args.breakdown:
                     prow, err = breakdown(layer, x, hw, hw, ctx, device, warmup, iters)
                     parts.append((shape, dt, r["fb"], prow, err))

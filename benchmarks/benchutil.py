@@ -52,9 +52,15 @@ def time_ms(fn, device, warmup: int, iters: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def graph_ms(fn, iters: int) -> float:
+def graph_ms(fn, iters: int, warmup: int = 3) -> float:
     """Median device milliseconds of fn as CUDA-graph replays (launch gaps drop out)."""
-    return time_ms(capture_graph(fn, lambda: None), "cuda", 3, iters)
+    return time_ms(capture_graph(fn, lambda: None), "cuda", warmup, iters)
+
+
+def emit(lines: list, row: str) -> None:
+    """Prints a table row as it is measured and keeps it for the report."""
+    print(row, flush=True)
+    lines.append(row)
 
 
 def copy_bandwidth_gbs(device="cuda") -> float:

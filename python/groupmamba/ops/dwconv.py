@@ -63,7 +63,7 @@ def dwconv_act(x, weight, bias, act: str = "none"):
     _check(x, weight, bias, act)
     if not _use_fused(x, weight, bias):
         return dwconv_act_reference(x, weight, bias, act)
-    return _td.DWConvAct.apply(_activation_input(x), weight.contiguous(), bias.contiguous(), act)
+    return _launch_fused(x, weight, bias, act)
 
 
 def dwconv_act_fused(x, weight, bias, act: str = "none"):
@@ -71,12 +71,13 @@ def dwconv_act_fused(x, weight, bias, act: str = "none"):
     if _td is None:
         raise RuntimeError(f"dwconv_act: Triton kernels unavailable ({_TRITON_ERROR})")
     _check(x, weight, bias, act)
-    return _td.DWConvAct.apply(_activation_input(x), weight.contiguous(), bias.contiguous(), act)
+    return _launch_fused(x, weight, bias, act)
 
 
-def _activation_input(x):
-    """x made contiguous, in the autocast dtype when autocast is on (as F.conv2d would cast it)."""
+def _launch_fused(x, weight, bias, act):
+    """The Triton kernel on checked arguments: x made contiguous, in the autocast dtype when autocast
+    is on (as F.conv2d would cast it)."""
     dt = autocast_dtype(x)
     if dt is not None and x.dtype == torch.float32:
         x = x.to(dt)
-    return x.contiguous()
+    return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act)

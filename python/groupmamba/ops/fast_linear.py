@@ -40,8 +40,8 @@ def linear_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   align: int = ALIGN) -> torch.Tensor:
     """x @ weight^T + bias in ``dtype`` with K and N zero-padded to multiples of ``align``; the result is
     the (..., N) view of the (..., Np) product."""
-    (N, K), Kp = weight.shape, _pad_to(weight.shape[1], align)
-    Np = _pad_to(N, align)
+    N, K = weight.shape
+    Kp, Np = _pad_to(K, align), _pad_to(N, align)
     xp = F.pad(x.to(dtype), (0, Kp - K))
     wp = F.pad(weight.to(dtype), (0, Kp - K, 0, Np - N))
     bp = None if bias is None else F.pad(bias.to(dtype), (0, Np - N))

@@ -39,16 +39,16 @@ def column_sum(g: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"column_sum: g must be (M, N), got shape {tuple(g.shape)}")
     g = g.contiguous()
     M, N = g.shape
+    if M == 0:
+        return torch.zeros(N, device=g.device, dtype=torch.float32)
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
     n_blocks = triton.cdiv(N, bn)
-    progs_m = max(1, min(triton.cdiv(M, bm), CONFIG["programs"] // n_blocks))
-    rows = triton.cdiv(triton.cdiv(M, progs_m), bm) * bm
-    progs_m = triton.cdiv(M, rows) if M else 1
+    target = max(1, min(triton.cdiv(M, bm), CONFIG["programs"] // n_blocks))   # row blocks wanted
+    rows = triton.cdiv(triton.cdiv(M, target), bm) * bm                        # rows per block
+    progs_m = triton.cdiv(M, rows)
     if rows * N >= 2 ** 31:
         raise ValueError(f"column_sum: a block of {rows} rows x {N} columns needs 64-bit offsets")
     partial = torch.empty(progs_m, N, device=g.device, dtype=torch.float32)
-    if M == 0:
-        return partial.zero_()[0]
     _colsum_partial[(progs_m, n_blocks)](g, partial, M, N, rows, BLOCK_M=bm, BLOCK_N=bn,
                                          num_warps=CONFIG["num_warps"])
     return partial.sum(0) if progs_m > 1 else partial[0]

@@ -64,14 +64,15 @@ def _out_col(obase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
 
 @triton.jit(do_not_specialize=["H", "W", "NHB"])
 def _dwconv_fwd(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+                BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // NHB
     hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cok = cs < C
     cmask = cok[None, :]
-    img = X + b.to(tl.int64) * H * W * C
+    image = b.to(tl.int64) * H * W * C      # 64-bit offset of image b (x and out alike)
+    img = X + image
     # input rows hh-1, hh, hh+1: offsets of column 0 inside the image, and their masks
     off_u = ((hh - 1) * W * C)[:, None] + cs[None, :]
     off_m = (hh * W * C)[:, None] + cs[None, :]
@@ -97,7 +98,7 @@ def _dwconv_fwd(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.c
     bu = _row_col(img, off_u, m_u, 0, W, C)
     bm = _row_col(img, off_m, m_m, 0, W, C)
     bd = _row_col(img, off_d, m_d, 0, W, C)
-    obase = OUT + b.to(tl.int64) * H * W * C
+    obase = OUT + image
     for w in range(0, W, 3):
         cu = _row_col(img, off_u, m_u, w + 1, W, C)
         cm = _row_col(img, off_m, m_m, w + 1, W, C)
