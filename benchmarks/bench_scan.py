@@ -23,7 +23,7 @@ import torch
 import groupmamba  # noqa: F401
 from groupmamba import _native
 from groupmamba.ops import grouped_scan_naive
-from groupmamba.ops.scan import DEFAULT_CHUNK
+from groupmamba.ops.scan import default_chunk
 
 from benchutil import copy_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
 
@@ -71,12 +71,12 @@ def main():
     ap.add_argument("--models", default="T,S,B")
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
     ap.add_argument("--naive", default="T", help="models whose stages also time the naive path ('' for none)")
-    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK["cuda"])
+    ap.add_argument("--chunk", type=int, default=None, help="steps per chunk (default: what grouped_scan picks per shape)")
     args = ap.parse_args()
     assert torch.cuda.is_available() and _native.cuda_kernels_available(), "needs the CUDA build"
     name = torch.cuda.get_device_name()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    print(f"GPU: {name}  (L2 {l2 / 2**20:.0f} MiB), torch {torch.__version__}, chunk {args.chunk}", flush=True)
+    print(f"GPU: {name}  (L2 {l2 / 2**20:.0f} MiB), torch {torch.__version__}, chunk {args.chunk or 'default'}", flush=True)
     bw = copy_bandwidth_gbs()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     fwd_op, bwd_op = torch.ops.groupmamba.scan_fwd, torch.ops.groupmamba.scan_bwd
@@ -89,18 +89,19 @@ def main():
                 numel = BATCH * H * H * C
                 nrot = max(1, math.ceil(3 * l2 / (2 * numel * es)))  # u+dy sets > 3x L2
                 sets = [make_inputs(H, C, dtype, seed) for seed in range(nrot)]
-                states = [fwd_op(u, *p, args.chunk)[1] for u, _, p in sets]
+                chunk = args.chunk or default_chunk("cuda", C // 4)
+                states = [fwd_op(u, *p, chunk)[1] for u, _, p in sets]
                 it = [0]
 
                 def fwd():
                     i = it[0] = (it[0] + 1) % nrot
                     u, _, p = sets[i]
-                    return fwd_op(u, *p, args.chunk)
+                    return fwd_op(u, *p, chunk)
 
                 def bwd():
                     i = it[0] = (it[0] + 1) % nrot
                     u, dy, p = sets[i]
-                    return bwd_op(dy, u, *p, states[i], args.chunk)
+                    return bwd_op(dy, u, *p, states[i], chunk)
 
                 tf, tb = do_bench(fwd), do_bench(bwd)
                 bf, bb = 2 * numel * es, 3 * numel * es
@@ -124,23 +125,23 @@ def main():
                         torch.cuda.synchronize()
                         naive_cache[key] = (time.perf_counter() - t0) * 1e3
                     naive_ms = naive_cache[key]
-                rows.append((model, stage, f"{C}@{H}x{H}", dn, tf * 1e3, tb * 1e3, gf, gb, gt, gt / bw, naive_ms,
+                rows.append((model, stage, f"{C}@{H}x{H}", chunk, dn, tf * 1e3, tb * 1e3, gf, gb, gt, gt / bw, naive_ms,
                              naive_ms / (tf + tb) if naive_ms else None))
                 r = rows[-1]
-                print(f"{model}{stage} C={C} {H}x{H} {dn}: fwd {r[4]:.1f} us, bwd {r[5]:.1f} us, "
+                print(f"{model}{stage} C={C} {H}x{H} chunk {chunk} {dn}: fwd {r[5]:.1f} us, bwd {r[6]:.1f} us, "
                       f"{gt:.0f} GB/s fwd+bwd ({100 * gt / bw:.0f}% of copy)"
                       + (f", naive {naive_ms:.0f} ms" if naive_ms else ""), flush=True)
                 del sets, states
                 torch.cuda.empty_cache()
-    hdr = ("| model | stage | C@HxW | dtype | fwd us | bwd us | fwd GB/s | bwd GB/s | fwd+bwd GB/s | of copy BW "
+    hdr = ("| model | stage | C@HxW | chunk | dtype | fwd us | bwd us | fwd GB/s | bwd GB/s | fwd+bwd GB/s | of copy BW "
            "| naive fwd+bwd ms | speed-up |")
-    lines = [f"GPU: {name}; B={BATCH}; chunk={args.chunk}; copy bandwidth {bw:.0f} GB/s (read+write, same run)",
-             "", hdr, "|" + "---|" * 12]
+    lines = [f"GPU: {name}; B={BATCH}; copy bandwidth {bw:.0f} GB/s (read+write, same run)",
+             "", hdr, "|" + "---|" * 13]
     for r in rows:
-        nv = f"{r[10]:.1f}" if r[10] else "-"
-        sp = f"{r[11]:.0f}x" if r[11] else "-"
-        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.1f} | {r[5]:.1f} | {r[6]:.0f} | {r[7]:.0f} | "
-                     f"{r[8]:.0f} | {100 * r[9]:.0f}% | {nv} | {sp} |")
+        nv = f"{r[11]:.1f}" if r[11] else "-"
+        sp = f"{r[12]:.0f}x" if r[12] else "-"
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.0f} | {r[8]:.0f} | "
+                     f"{r[9]:.0f} | {100 * r[10]:.0f}% | {nv} | {sp} |")
     table = "\n".join(lines)
     print("\n" + table)
     if os.environ.get("OUT"):

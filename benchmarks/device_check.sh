@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole product on a GPU machine, in one script: build, every GPU test, model throughput, a short
 # training run (1 GPU, then 2-GPU DDP when two GPUs are visible). Logs go to $OUT (default ./device_out).
-#   RUN_STEPS="build tests models train layer profile dwconv gemm"   which steps to run (default: all, in this order)
+#   tests:   pytest -m gpu over TEST_FILES (default "tests"; paths relative to the repository), -k TEST_K if set
+#   RUN_STEPS="build tests models train layer profile dwconv gemm scan ncu"   which steps to run (default: all but ncu, in this order)
 #   layer:   benchmarks/bench_layer.py (one GroupMambaLayer fwd/bwd at every stage shape vs the official-style
 #            path; LAYER_BENCH_ARGS, LAYER_TIMEOUT=200), profile: benchmarks/profile_model.py (torch.profiler of
 #            a T training and inference step; PROFILE_ARGS, PROFILE_TIMEOUT=120; trace_train.json.gz in $OUT)
@@ -9,6 +10,10 @@
 #            DWCONV_TIMEOUT=150)
 #   gemm:    benchmarks/bench_gemm.py (T's Linear GEMMs as cuBLAS runs them and padded; bias column sums;
 #            GEMM_TIMEOUT=120)
+#   scan:    benchmarks/bench_scan.py once per chunk length in SCAN_CHUNKS (default "64"; SCAN_BENCH_ARGS,
+#            default "--models T,B --dtypes bf16 --naive ''"; SCAN_TIMEOUT=60 per chunk)
+#   ncu:     Nsight Compute of the scan kernels at NCU_SHAPES (default "T1 T3"): speed of light, occupancy,
+#            warp stall reasons, instructions executed (NCU_TIMEOUT=150; full report $OUT/ncu.log)
 # Kernel-level benchmarks have their own scripts: device_scan.sh, device_modulation.sh.
 set -u -o pipefail
 export OUT=${OUT:-$PWD/device_out}
@@ -16,7 +21,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 PY=${PYTHON:-python3}
 SRC=$PWD
-RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile dwconv gemm"}
+RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile dwconv gemm scan"}
 status=0
 has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
 
@@ -33,7 +38,9 @@ fi
 
 cd /tmp  # import the installed package, not the source tree
 if has tests; then
-  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -m gpu -q -p no:cacheprovider --rootdir "$SRC" "$SRC/tests" 2>&1 \
+  files=(); for f in ${TEST_FILES:-tests}; do files+=("$SRC/$f"); done
+  timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -m gpu -q -p no:cacheprovider --rootdir "$SRC" "${files[@]}" \
+    ${TEST_K:+-k "$TEST_K"} 2>&1 \
     | tee "$OUT/pytest_gpu.log" | tail -25 || status=1
 fi
 if has models; then
@@ -58,5 +65,18 @@ fi
 if has gemm; then
   OUT="$OUT" timeout ${GEMM_TIMEOUT:-120} $PY "$SRC/benchmarks/bench_gemm.py" 2>&1 \
     | tee "$OUT/bench_gemm.log" | tail -35 || status=1
+fi
+if has scan; then
+  for ch in ${SCAN_CHUNKS:-64}; do
+    timeout ${SCAN_TIMEOUT:-60} $PY "$SRC/benchmarks/bench_scan.py" ${SCAN_BENCH_ARGS:---models T,B --dtypes bf16 --naive ''} \
+      --chunk "$ch" 2>&1 | tee "$OUT/bench_scan_chunk$ch.log" | tail -12 || status=1
+  done
+fi
+if has ncu; then
+  timeout ${NCU_TIMEOUT:-150} ncu --clock-control none --kernel-name regex:fast_kernel \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --metrics 'smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
+    $PY "$SRC/benchmarks/ncu_scan.py" ${NCU_SHAPES:-T1 T3} > "$OUT/ncu.log" 2>&1 || status=1
+  grep -E "fast_kernel|Duration|inst_executed|Registers Per|Achieved Occ|Theoretical Occ|Warp Cycles Per Issued|Compute \(SM\)|stalled" "$OUT/ncu.log" | head -120
 fi
 exit $status

@@ -101,7 +101,7 @@ def test_odd_shapes(shape, dtype):
     _check(ref, got, TOL[dtype], f"{shape} {dtype}")
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 8, 12, 16, 64, 100, 256, 4096])
+@pytest.mark.parametrize("chunk", [1, 4, 8, 12, 16, 32, 64, 100, 256, 4096])
 @pytest.mark.parametrize("shape", [(2, 14, 14, 16), (2, 9, 11, 87), (1, 28, 28, 32)], ids=str)
 def test_chunks(shape, chunk):
     B, H, W, d = shape

@@ -30,6 +30,17 @@ from .reference import GROUPS, grouped_scan_reference
 # Steps per chunk whose entering state the forward keeps for the backward (which recomputes
 # inside each chunk). Larger saves memory, smaller saves recompute; both backends accept any value.
 DEFAULT_CHUNK = {"cpu": 64, "cuda": 64}
+# On CUDA a chunk also sets the backward's block size: at d > 64 channels per group a 64-step chunk
+# needs 512-thread blocks, and 32-step chunks (256 threads, twice the blocks) ran 11-23% faster at
+# GroupMamba's 14x14 and 7x7 stages (BENCHMARKS.md, "Scan kernels"). The saved states stay tiny.
+WIDE_D, WIDE_CHUNK_CUDA = 64, 32
+
+
+def default_chunk(device_type: str, d: int) -> int:
+    """The chunk grouped_scan uses when none is given, for d = C/4 channels per group."""
+    if device_type == "cuda" and d > WIDE_D:
+        return WIDE_CHUNK_CUDA
+    return DEFAULT_CHUNK.get(device_type, 64)
 
 
 def check_scan_inputs(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D) -> None:
@@ -93,7 +104,7 @@ def grouped_scan(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk: int
     if not _native_supports(u):
         return grouped_scan_reference(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D)
     if chunk is None:
-        chunk = DEFAULT_CHUNK.get(u.device.type, 64)
+        chunk = default_chunk(u.device.type, u.shape[-1] // GROUPS)
     y, _ = torch.ops.groupmamba.scan_fwd(
         u.contiguous(), x_proj_weight.contiguous(), dt_proj_weight.contiguous(), dt_bias.contiguous(),
         A_log.contiguous(), D.contiguous(), chunk)
