@@ -2,7 +2,8 @@
 # Training throughput on the GPU machine (package already built/installed by the lead's script).
 #   1. synthetic ImageNet-layout folder of random 224px JPEGs on local disk
 #   2. a randomly initialised regnety_160 teacher saved to a local file
-#   3. one-GPU run: groupmamba_tiny, batch 128, bf16, hard distillation, 8 workers, --max-steps
+#   3. one-GPU run: groupmamba_tiny, batch 128, bf16, hard distillation, 8 workers, --max-steps; then the same
+#      run with --cuda-graph (GRAPH_RUN=0 skips it)
 #   4. two-GPU DDP run via torchrun (if 2 GPUs are visible)
 # Logs are tee'd to $OUT (default ./device_out). Knobs: STEPS (default 300), CLASSES (100), PER_CLASS (40),
 # BATCH (128), WORKERS (8), MODEL (groupmamba_tiny), WORK (scratch dir, default /tmp/gm_train).
@@ -66,20 +67,26 @@ COMMON=(--data "$WORK/data" --model "$MODEL" --batch-size "$BATCH" --workers "$W
         --distillation hard --teacher-path "$WORK/regnety_160_random.pth" --max-steps "$STEPS"
         --warmup-epochs 0 --log-interval 20 --no-auto-resume)
 
-echo "== 1 GPU: $MODEL, batch $BATCH, bf16, hard distillation (regnety_160), $STEPS steps"
 # With few images per class one epoch may be shorter than STEPS; epochs is raised so max-steps decides.
 EPOCHS1=$(( (STEPS * BATCH) / (CLASSES * PER_CLASS) + 1 ))
-rm -rf "$WORK/run1"
-$PY -m groupmamba.train "${COMMON[@]}" --epochs "$EPOCHS1" --output "$WORK/run1" 2>&1 \
-  | tr '\r' '\n' | tee "$OUT/train_1gpu.log" | tail -25 || status=1
-cp "$WORK/run1/log.jsonl" "$OUT/train_1gpu.jsonl" 2>/dev/null
-$PY - "$WORK/run1/log.jsonl" <<'PYEOF' 2>&1 | tee -a "$OUT/train_1gpu.log"
+run_1gpu() {  # name, extra flags...
+  local name=$1; shift
+  echo "== 1 GPU ($name): $MODEL, batch $BATCH, bf16, hard distillation (regnety_160), $STEPS steps $*"
+  rm -rf "$WORK/$name"
+  $PY -m groupmamba.train "${COMMON[@]}" --epochs "$EPOCHS1" --output "$WORK/$name" "$@" 2>&1 \
+    | tr '\r' '\n' | tee "$OUT/train_$name.log" | tail -12 || status=1
+  cp "$WORK/$name/log.jsonl" "$OUT/train_$name.jsonl" 2>/dev/null
+  $PY - "$WORK/$name/log.jsonl" "$name" <<'PYEOF' 2>&1 | tee -a "$OUT/train_$name.log"
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ips = [r["img_per_s"] for r in recs if r.get("type") == "step"][2:]  # skip warm-up windows
 if ips:
-    print(f"1-GPU steady-state throughput: {sum(ips) / len(ips):.1f} images/s (mean of {len(ips)} log windows)")
+    print(f"1-GPU ({sys.argv[2]}) steady-state throughput: {sum(ips) / len(ips):.1f} images/s (mean of {len(ips)} log windows)")
 PYEOF
+}
+run_1gpu run1
+# The same run with the whole step replayed from one CUDA graph (--cuda-graph); GRAPH_RUN=0 skips it.
+[ "${GRAPH_RUN:-1}" = 1 ] && run_1gpu run1_graph --cuda-graph
 
 if [ "$NGPU" -ge 2 ]; then
   echo "== 2 GPUs (DDP via torchrun): same settings, per-GPU batch $BATCH"

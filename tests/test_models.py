@@ -662,14 +662,22 @@ def test_gpu_torch_compile_matches_eager(cuda_tiny, no_tf32):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_step_matches_eager(cuda_tiny):
+def test_gpu_cuda_graph_step_matches_eager():
     """A bf16 training step (forward + backward) captured in a CUDA graph equals the eager step: inside a
-    capture, ops.linear pads the stage-3 GEMMs (C = 348) to multiples of 8, eagerly it does not."""
-    model, x = cuda_tiny
-    model.train()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.eval()
+    capture, ops.linear pads the stage-3 GEMMs (C = 348) to multiples of 8, eagerly it does not.
+
+    The bound is set by bf16 rounding, not by the capture: the padded GEMM sums in another order, which
+    flips the rounding of some bf16 outputs, and the network carries those flips to the logits.
+    benchmarks/experiments/graph_vs_eager.py on an H200 with this model (its own initialisation, 64x64):
+    graph vs eager 1.7e-2 (logits) / 2.7e-2 (gradients); the same graph without the padding, and the eager
+    step padded like the graph, both equal their counterparts bitwise; bf16 vs fp32 eager 3.4e-2 / 6.0e-2.
+    With the randomised weights of ``cuda_tiny`` the network amplifies rounding flips to ~4% (measured on
+    CPU), too much to test anything, hence the separate model. A padding bug (wrong columns, unzeroed
+    padding) moves the logits by O(1)."""
+    torch.manual_seed(0)
+    model = create_model("groupmamba_tiny").cuda().train()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    named = list(model.named_parameters())
 
     def step():
         model.zero_grad(set_to_none=False)
@@ -677,13 +685,12 @@ def test_gpu_cuda_graph_step_matches_eager(cuda_tiny):
             h, dh = model(x)
             loss = h.float().square().mean() + dh.float().mean()
         loss.backward()
-        return (h.float() + dh.float()) / 2, torch.cat([p.grad.flatten() for _, p in named])
+        return ((h.float() + dh.float()) / 2).detach(), torch.cat([p.grad.flatten() for _, p in named])
 
-    named = list(model.named_parameters())
     model.zero_grad(set_to_none=False)
     (eager, eager_grads), (graphed, graphed_grads) = eager_and_cuda_graph(step)
-    assert rel_err(graphed, eager) <= 1e-2
-    assert rel_err(graphed_grads, eager_grads) <= 2e-2
+    assert rel_err(graphed, eager) <= 5e-2
+    assert rel_err(graphed_grads, eager_grads) <= 5e-2
 
 
 @pytest.mark.gpu

@@ -50,6 +50,8 @@ RECIPE: dict[str, tuple[Any, str]] = {
     "pretrained": (None, "initialise the student from this checkpoint (weights only; not a resume)"),
     "channels_last": (False, "channels_last memory format for inputs and the teacher"),
     "compile": (False, "torch.compile the student"),
+    "cuda_graph": (False, "capture the whole optimizer step (forward, loss, backward, clipping, fused AdamW) in one "
+                          "CUDA graph and replay it: one GPU, bf16 or no AMP, no gradient accumulation"),
     # optimisation
     "epochs": (300, "training epochs"),
     "lr": (5e-4, "peak learning rate for a global batch of 512 (scaled linearly when scale_lr)"),

@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_mod
 from .common import (EMA, DistInfo, all_reduce_sum, autocast_factory, barrier, build_teacher, create_student,
                      init_distributed, lr_at, param_groups)
 from .data import ShardSampler, TrainSampler, build_datasets, make_loader
+from .graph_step import GraphedStep, check_supported
 from .losses import DistillationLoss, base_criterion
 from .logs import NullLogger, RunLogger
 
@@ -108,6 +109,8 @@ class Trainer:
         self.warmup_steps = int(round(self.steps_per_epoch * cfg["warmup_epochs"]))
 
         self.autocast, self.amp = autocast_factory(self.dev, cfg["amp"])
+        if cfg["cuda_graph"]:
+            check_supported(cfg, info.distributed, self.dev, self.amp)
         use_kd = cfg["distillation"] != "none"
         model = create_student(cfg["model"], self.num_classes, distillation=use_kd, drop_path=cfg["drop_path"],
                                drop_rate=cfg["drop_rate"], grad_checkpointing=cfg["grad_checkpointing"])
@@ -123,7 +126,7 @@ class Trainer:
         fused = self.dev.type == "cuda" and cfg["fused_adamw"]
         self.optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=self.base_lr,
                                            betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
-                                           **({"fused": True} if fused else {}))
+                                           **({"fused": True, "capturable": cfg["cuda_graph"]} if fused else {}))
         self.scaler = torch.amp.GradScaler(self.dev.type) if self.amp == "fp16" else None
 
         # state
@@ -163,6 +166,9 @@ class Trainer:
         self.criterion = DistillationLoss(base_criterion(mix_on, cfg["smoothing"]), teacher, cfg["distillation"],
                                           cfg["distillation_alpha"], cfg["distillation_tau"],
                                           teacher_autocast=self.autocast if cfg["teacher_amp"] else None)
+        # built after any resume: it points the optimizer's learning rate at a device tensor
+        self.graphed_step = (GraphedStep(self.model, self.forward_model, self.criterion, self.optimizer,
+                                         self.autocast, cfg["clip_grad"]) if cfg["cuda_graph"] else None)
 
         pin = cfg["pin_memory"] and self.dev.type == "cuda"
         self.train_sampler = TrainSampler(len(self.train_ds), info.world, info.rank, cfg["seed"])
@@ -247,6 +253,65 @@ class Trainer:
                 f"saving; the last good checkpoint is {self.last_path if os.path.exists(self.last_path) else 'none'}. "
                 "Try a lower --lr, --amp bf16/none instead of fp16, or a smaller --clip-grad.")
 
+    # ------------------------------------------------------------------------------------------- steps
+    def _next_batch(self, it):
+        """The next training batch on the device, mixed when mixup/cutmix is on; also its unreadable-image count."""
+        x, y, bad = next(it)
+        x = x.to(self.dev, non_blocking=True)
+        y = y.to(self.dev, non_blocking=True)
+        if self.cfg["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        return x, y, int(bad.sum())
+
+    def _graph_step(self, it, lr, loss_acc, gn_acc, nonfinite):
+        """One optimizer step as a CUDA-graph replay (--cuda-graph); same contract as _eager_step."""
+        x, y, nbad = self._next_batch(it)
+        loss, gn = self.graphed_step(x, y, lr)
+        loss_acc += loss
+        nonfinite += (~torch.isfinite(loss)).float()
+        if self.cfg["clip_grad"] > 0:
+            gn_acc += gn.float()
+        return nbad, x.shape[0] * self.info.world
+
+    def _eager_step(self, it, lr, loss_acc, gn_acc, nonfinite):
+        """One optimizer step over micro_per_step batches. Adds the loss, gradient norm and non-finite count into
+        the running sums in place; returns (unreadable images, images seen by all ranks)."""
+        cfg, info = self.cfg, self.info
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        nbad = nimages = 0
+        for micro in range(self.micro_per_step):
+            x, y, bad = self._next_batch(it)
+            nbad += bad
+            sync = (not info.distributed or micro == self.micro_per_step - 1)
+            ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+            with ctx:
+                with self.autocast():
+                    out = self.forward_model(x)
+                loss, _ = self.criterion(x, out, y)
+                scaled = loss / self.micro_per_step
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            loss_acc += loss.detach() / self.micro_per_step
+            nonfinite += (~torch.isfinite(loss.detach())).float()
+            nimages += x.shape[0] * info.world
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if cfg["clip_grad"] > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
+            gn_acc += gn.detach().float()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return nbad, nimages
+
     # ------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict:
         cfg, info = self.cfg, self.info
@@ -281,42 +346,10 @@ class Trainer:
             while self.step_in_epoch < self.steps_per_epoch:
                 lr = lr_at(self.global_step, self.base_lr, self.warmup_lr, self.min_lr, self.warmup_steps,
                            self.total_steps)
-                for g in self.optimizer.param_groups:
-                    g["lr"] = lr
-                for micro in range(self.micro_per_step):
-                    x, y, bad = next(it)
-                    bad_images_total += int(bad.sum())
-                    x = x.to(self.dev, non_blocking=True)
-                    y = y.to(self.dev, non_blocking=True)
-                    if cfg["channels_last"]:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    if self.mixup is not None:
-                        x, y = self.mixup(x, y)
-                    sync = (not info.distributed or micro == self.micro_per_step - 1)
-                    ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
-                    with ctx:
-                        with self.autocast():
-                            out = self.forward_model(x)
-                        loss, _ = self.criterion(x, out, y)
-                        scaled = loss / self.micro_per_step
-                        if self.scaler is not None:
-                            self.scaler.scale(scaled).backward()
-                        else:
-                            scaled.backward()
-                    loss_acc += loss.detach() / self.micro_per_step
-                    nonfinite += (~torch.isfinite(loss.detach())).float()
-                    ep_images += x.shape[0] * info.world
-                if self.scaler is not None:
-                    self.scaler.unscale_(self.optimizer)
-                if cfg["clip_grad"] > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
-                    gn_acc += gn.detach().float()
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                step = self._eager_step if self.graphed_step is None else self._graph_step
+                nbad, nimages = step(it, lr, loss_acc, gn_acc, nonfinite)
+                bad_images_total += nbad
+                ep_images += nimages
                 if self.ema is not None:
                     self.ema.update(self.model)
                 self.global_step += 1
