@@ -26,26 +26,8 @@ echo "== pytest"
 $PY -m pytest -m gpu -q --timeout=600 -p no:cacheprovider --rootdir "$SRC" "$SRC/tests/test_scan_cuda.py" 2>&1 | tee "$OUT/pytest.log" | tail -40 || status=1
 
 echo "== compute-sanitizer"
-cat > /tmp/sanitize_scan.py <<'PYEOF'
-import torch, groupmamba
-from groupmamba.ops import grouped_scan
-torch.manual_seed(0)
-def run(B, H, W, d, N, dtype, chunk):
-    R = max(1, -(-d // 16))
-    u = torch.randn(B, H, W, 4 * d, device="cuda").to(dtype).requires_grad_()
-    ps = [torch.randn(4, R + 2 * N, d) / d ** 0.5, torch.randn(4, d, R) / R ** 0.5, torch.full((4, d), -1.0),
-          torch.zeros(4, d, N), torch.randn(4, d)]
-    ps = [p.cuda().requires_grad_() for p in ps]
-    y = grouped_scan(u, *ps, chunk=chunk)
-    y.backward(torch.randn_like(y))
-    torch.cuda.synchronize()
-for args in [(2, 9, 7, 16, 1, torch.bfloat16, 16), (2, 5, 6, 87, 1, torch.float32, 8), (1, 4, 5, 3, 2, torch.float16, 3),
-             (2, 7, 7, 128, 1, torch.bfloat16, 64), (2, 14, 14, 32, 1, torch.float32, 64)]:
-    run(*args)
-print("sanitize script done")
-PYEOF
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --target-processes all $PY /tmp/sanitize_scan.py 2>&1 | tee "$OUT/sanitizer_$tool.log" | tail -5 || status=1
+  compute-sanitizer --tool $tool --target-processes all $PY "$SRC/benchmarks/sanitize_scan.py" 2>&1 | tee "$OUT/sanitizer_$tool.log" | tail -5 || status=1
 done
 
 echo "== benchmark"

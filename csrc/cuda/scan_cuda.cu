@@ -1,8 +1,9 @@
 // CUDA forward and backward of the four-direction grouped selective scan (contract: python/groupmamba/ops/scan.py).
 //
 // Fast path (N == 1, d <= 128, chunk % 4 == 0):
-//   One launch covers every (batch, group, segment). A segment is m consecutive chunks of one (b, g) scan
-//   sequence. Inside a block, a thread owns CPT = 4 channels and a "run" of K consecutive scan steps; the
+//   One launch covers every (batch, group, segment). A segment is a range of consecutive steps of one (b, g)
+//   scan sequence: in the backward m whole chunks (it starts from a saved chunk state), in the forward any
+//   multiple of K steps (it stores the state entering each chunk that starts inside it). Inside a block, a thread owns CPT = 4 channels and a "run" of K consecutive scan steps; the
 //   CVp (power of two) lanes that share a step sit next to each other in one warp, so the per-step dots of
 //   x_proj (R + 2 rows over the d channels) are warp xor-shuffle reductions. u is read straight from the
 //   (B, H, W, C) tensor at scan_position(g, t) (no reordering copies). Each thread scans its run locally
@@ -37,7 +38,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kCPT = 4;        // channels per thread (fast path)
 constexpr int kKF = 4;         // steps per thread, forward
 constexpr int kKB = 4;         // steps per thread, backward
-constexpr int kMaxThreadsF = 512;
+constexpr int kThreadsF = 256;  // forward blocks: at most 256 threads, 3 per SM (80 registers)
+constexpr int kMinBlocksF = 3;
 constexpr int kMaxThreadsB = 512;
 constexpr int kRedBudget = 40 * 1024;  // bytes of shared memory for the backward's parameter reduction
 
@@ -145,7 +147,7 @@ __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
 
 struct FastParams {
   int B, H, W, C, d, R, L, chunk, nch;
-  int Ls, nseg, m;  // steps per segment, segments per sequence, chunks per segment
+  int Ls, nseg, m;  // steps per segment, segments per sequence, chunks per segment (backward only)
   int cvp, NR;      // lanes per step, runs per segment
   int RB, E;        // backward: rows of the reduction buffer, parameter-gradient entries per group
 };
@@ -189,7 +191,7 @@ __device__ __forceinline__ int scan_pos_i(int g, int t, int H, int W, int L) {
 
 // ================================ fast forward ===================================================
 template <typename T, int VEC, int K, int LV>
-__global__ void __launch_bounds__(kMaxThreadsF) fwd_fast_kernel(FastParams p, const T* __restrict__ u,
+__global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastParams p, const T* __restrict__ u,
                                                                   T* __restrict__ y, float* __restrict__ states,
                                                                   ParamPtrs prm, LookBack lb) {
   constexpr int CPT = kCPT;
@@ -338,10 +340,9 @@ __global__ void __launch_bounds__(kMaxThreadsF) fwd_fast_kernel(FastParams p, co
       sH[r * d + c] = hc;
       hc = fmaf(pr, hc, hr);
     }
-    for (int kk = 0; kk < p.m; ++kk) {
-      const int kg = s * p.m + kk;
-      if (kg < p.nch) states[((size_t)bg * p.nch + kg) * d + c] = sH[(kk * p.chunk / K) * d + c];
-    }
+    const int t_begin = s * p.Ls, t_end = min(t_begin + p.Ls, p.L);  // chunk starts are multiples of K
+    for (int kg = (t_begin + p.chunk - 1) / p.chunk; kg * p.chunk < t_end; ++kg)
+      states[((size_t)bg * p.nch + kg) * d + c] = sH[((kg * p.chunk - t_begin) / K) * d + c];
   }
   __syncthreads();
 
@@ -887,7 +888,8 @@ struct FastPlan {
   int nrec = 0;
 };
 
-// Segment = m whole chunks; threads = runs * cvp rounded up to whole warps.
+// Threads = runs * cvp rounded up to whole warps. Backward segment = m whole chunks; forward segment = the
+// sequence split evenly into as few segments of at most max_threads / cvp runs as possible.
 FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, bool backward) {
   FastPlan pl;
   if (s.N != 1 || s.d > 32 * kCPT || chunk % 4 != 0 || chunk > (int64_t)1 << 20) return pl;
@@ -896,12 +898,20 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
   p.L = (int)s.L; p.chunk = (int)chunk; p.nch = (int)num_chunks(s.L, chunk);
   p.cvp = next_pow2((p.d + kCPT - 1) / kCPT);
   const int max_steps = (max_threads / p.cvp) * K;
-  if (p.chunk > max_steps) return pl;
-  const int m_max = max_steps / p.chunk;
-  p.nseg = (p.nch + m_max - 1) / m_max;
-  p.m = (p.nch + p.nseg - 1) / p.nseg;
-  p.nseg = (p.nch + p.m - 1) / p.m;
-  p.Ls = p.m * p.chunk;
+  if (backward) {
+    if (p.chunk > max_steps) return pl;
+    const int m_max = max_steps / p.chunk;
+    p.nseg = (p.nch + m_max - 1) / m_max;
+    p.m = (p.nch + p.nseg - 1) / p.nseg;
+    p.nseg = (p.nch + p.m - 1) / p.m;
+    p.Ls = p.m * p.chunk;
+  } else {
+    if (max_steps < K) return pl;
+    p.nseg = (p.L + max_steps - 1) / max_steps;
+    p.Ls = (p.L + p.nseg - 1) / p.nseg;
+    p.Ls = (p.Ls + K - 1) / K * K;
+    p.nseg = (p.L + p.Ls - 1) / p.Ls;
+  }
   p.NR = p.Ls / K;
   pl.threads = ((p.NR * p.cvp + 31) / 32) * 32;
   const int d = p.d, R = p.R, RK = R + 2;
@@ -964,8 +974,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u_, const at:
   if (s.B == 0 || s.L == 0) return {y, states};
   auto stream = c10::cuda::getCurrentCUDAStream();
   const ParamPtrs prm = param_ptrs(Wx, Wdt, bias, Alog, D);
-  FastPlan pl = plan_fast(s, chunk, kKF, 256, false);
-  if (!pl.ok) pl = plan_fast(s, chunk, kKF, kMaxThreadsF, false);
+  const FastPlan pl = plan_fast(s, chunk, kKF, kThreadsF, false);
   dispatch_type(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* up = reinterpret_cast<const T*>(u.data_ptr());

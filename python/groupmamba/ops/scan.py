@@ -30,9 +30,10 @@ from .reference import GROUPS, grouped_scan_reference
 # Steps per chunk whose entering state the forward keeps for the backward (which recomputes
 # inside each chunk). Larger saves memory, smaller saves recompute; both backends accept any value.
 DEFAULT_CHUNK = {"cpu": 64, "cuda": 64}
-# On CUDA a chunk also sets the backward's block size: at d > 64 channels per group a 64-step chunk
-# needs 512-thread blocks, and 32-step chunks (256 threads, twice the blocks) ran 11-23% faster at
-# GroupMamba's 14x14 and 7x7 stages (BENCHMARKS.md, "Scan kernels"). The saved states stay tiny.
+# On CUDA a chunk also sets the backward's block size (a backward block starts from a saved state):
+# at d > 64 channels per group a 64-step chunk needs 512-thread blocks, and with 32-step chunks (256
+# threads, twice the blocks) the backward ran 7-25% faster at GroupMamba's 14x14 and 7x7 stages
+# (BENCHMARKS.md, "Scan kernels"). The saved states stay tiny.
 WIDE_D, WIDE_CHUNK_CUDA = 64, 32
 
 
