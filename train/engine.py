@@ -253,6 +253,13 @@ class Trainer:
                 f"saving; the last good checkpoint is {self.last_path if os.path.exists(self.last_path) else 'none'}. "
                 "Try a lower --lr, --amp bf16/none instead of fp16, or a smaller --clip-grad.")
 
+    def _graph_would_work(self) -> bool:
+        try:
+            check_supported(self.cfg, self.info.distributed, self.dev, self.amp)
+        except ValueError:
+            return False
+        return True
+
     # ------------------------------------------------------------------------------------------- steps
     def _next_batch(self, it):
         """The next training batch on the device, mixed when mixup/cutmix is on; also its unreadable-image count."""
@@ -319,6 +326,8 @@ class Trainer:
                     f"on {len(self.train_ds)} images, {self.num_classes} classes; world {info.world} on "
                     f"{self.dev.type}; global batch {self.global_batch}; lr {self.base_lr:.3g}; amp {self.amp}; "
                     f"distillation {cfg['distillation']}; {self.steps_per_epoch} steps/epoch x {cfg['epochs']} epochs")
+        if self.graphed_step is None and self._graph_would_work():
+            self._print("tip: --cuda-graph replays the whole step from one CUDA graph (about 2x faster here; README)")
         t_start = time.time()
         train_time, train_images = 0.0, 0
         stopped_early = False
