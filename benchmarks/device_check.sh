@@ -13,7 +13,8 @@
 #   scan:    benchmarks/bench_scan.py once per chunk length in SCAN_CHUNKS (default "64"; SCAN_BENCH_ARGS,
 #            default "--models T,B --dtypes bf16 --naive ''"; SCAN_TIMEOUT=60 per chunk)
 #   ncu:     Nsight Compute of the scan kernels at NCU_SHAPES (default "T1 T3"): speed of light, occupancy,
-#            warp stall reasons, instructions executed (NCU_TIMEOUT=150; full report $OUT/ncu.log)
+#            warp stall reasons, memory workload, instructions executed, DRAM bytes (NCU_TIMEOUT=150; full
+#            report $OUT/ncu.log; benchmarks/device_ncu.sh runs build + this step)
 # Kernel-level benchmarks have their own scripts: device_scan.sh, device_modulation.sh.
 set -u -o pipefail
 export OUT=${OUT:-$PWD/device_out}
@@ -75,8 +76,9 @@ fi
 if has ncu; then
   timeout ${NCU_TIMEOUT:-150} ncu --clock-control none --kernel-name regex:fast_kernel \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section MemoryWorkloadAnalysis \
     --metrics 'smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
     $PY "$SRC/benchmarks/ncu_scan.py" ${NCU_SHAPES:-T1 T3} > "$OUT/ncu.log" 2>&1 || status=1
-  grep -E "fast_kernel|Duration|inst_executed|Registers Per|Achieved Occ|Theoretical Occ|Warp Cycles Per Issued|Compute \(SM\)|stalled" "$OUT/ncu.log" | head -120
+  grep -E "fast_kernel|Duration|inst_executed|Registers Per|Achieved Occ|Theoretical Occ|Warp Cycles Per Issued|Compute \(SM\)|DRAM Through|dram__bytes|Block Limit|stalled" "$OUT/ncu.log" | head -160
 fi
 exit $status
