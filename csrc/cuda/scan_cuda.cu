@@ -1,20 +1,20 @@
 // CUDA forward and backward of the four-direction grouped selective scan (contract: python/groupmamba/ops/scan.py).
 //
 // Fast path (N == 1, d <= 128, chunk % 4 == 0):
-//   One launch covers every (batch, group, segment). A segment is a range of consecutive steps of one (b, g)
-//   scan sequence: in the backward m whole chunks (it starts from a saved chunk state), in the forward any
-//   multiple of K steps (it stores the state entering each chunk that starts inside it). Inside a block, a thread owns CPT = 4 channels and a "run" of K consecutive scan steps; the
-//   CVp (power of two) lanes that share a step sit next to each other in one warp, so the per-step dots of
-//   x_proj (R + 2 rows over the d channels) are warp xor-shuffle reductions. u is read straight from the
-//   (B, H, W, C) tensor at scan_position(g, t) (no reordering copies). Each thread scans its run locally
-//   from a zero state; per-channel threads then compose the run summaries (decay product P and end state
-//   H) in order, and segments of one sequence are chained with a decoupled look-back (a block publishes
-//   its aggregate, then walks back over its predecessors' aggregates until it finds an inclusive prefix;
-//   blocks take tickets in scan order so every block waits only on blocks that already run).
-//   The backward does the same with the adjoint recurrence in reverse order (blocks take tickets from the
-//   last segment down); the forward state entering a segment comes from `states`. Parameter gradients:
-//   per-thread sums over the run -> block reduction in shared memory in a fixed order -> one partial
-//   row per block -> a two-level deterministic reduction kernel. No floating-point atomics anywhere.
+//   One launch covers every (batch, group, segment). A segment is a range of consecutive steps of one (b, g) scan
+//   sequence: in the backward m whole chunks (it starts from a saved chunk state), in the forward any multiple of K
+//   steps (it stores the state entering each chunk that starts inside it). Inside a block, a thread owns CPT = 4
+//   channels and a "run" of K consecutive scan steps; the CVp (power of two) lanes that share a step sit next to each
+//   other in one warp, so the per-step dots of x_proj (R + 2 rows over the d channels) are warp xor-shuffle
+//   reductions. u is read straight from the (B, H, W, C) tensor at scan_position(g, t) (no reordering copies). Each
+//   thread scans its run locally from a zero state; per-channel threads then compose the run summaries (decay product
+//   P and end state H) in order, and segments of one sequence are chained with a decoupled look-back (a block
+//   publishes its aggregate, then walks back over its predecessors' aggregates until it finds an inclusive prefix;
+//   blocks take tickets in scan order so every block waits only on blocks that already run). The backward does the
+//   same with the adjoint recurrence in reverse order (blocks take tickets from the last segment down); the forward
+//   state entering a segment comes from `states`. Parameter gradients: per-thread sums over the run -> block
+//   reduction in shared memory in a fixed order -> one partial row per block -> a two-level deterministic reduction
+//   kernel. No floating-point atomics anywhere.
 // Generic path (any N, any d, any chunk): one block per (b, g), one thread per channel, sequential over
 //   the L steps with shared-memory reductions. Slow but simple; used for N > 1, d > 128 or odd chunks.
 #include <ATen/ATen.h>
