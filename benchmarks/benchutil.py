@@ -10,6 +10,7 @@ import time
 import torch
 
 from groupmamba.atomic import atomic_write
+from groupmamba.train.graph_step import capture
 
 
 def device_name(device) -> str:
@@ -75,18 +76,7 @@ def copy_bandwidth_gbs(device="cuda") -> float:
 
 
 def capture_graph(body, before_each, warmup: int = 3):
-    """Whole-step CUDA graph (the PyTorch recipe): warm up on a side stream (Triton compiles, cuDNN
-    picks algorithms, the optimizer creates its state), capture one step, return its replay. Replays
-    launch every kernel of the step with one host call, so host overhead drops out of the timing."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            before_each()
-            body()
-    torch.cuda.current_stream().wait_stream(side)
-    before_each()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    """Whole-step CUDA graph (groupmamba.train.graph_step.capture, the PyTorch recipe); returns its replay.
+    Replays launch every kernel of the step with one host call, so host overhead drops out of the timing."""
+    graph, _ = capture(body, before_each, warmup)
     return graph.replay

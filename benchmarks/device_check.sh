@@ -10,8 +10,9 @@
 #            DWCONV_TIMEOUT=150)
 #   gemm:    benchmarks/bench_gemm.py (T's Linear GEMMs as cuBLAS runs them and padded; bias column sums;
 #            GEMM_TIMEOUT=120)
-#   scan:    benchmarks/bench_scan.py once per chunk length in SCAN_CHUNKS (default "64"; SCAN_BENCH_ARGS,
-#            default "--models T,B --dtypes bf16 --naive ''"; SCAN_TIMEOUT=60 per chunk)
+#   scan:    benchmarks/bench_scan.py at grouped_scan's default chunk per shape, or once per chunk length in
+#            SCAN_CHUNKS (a sweep); SCAN_BENCH_ARGS, default "--models T,B --dtypes bf16 --naive ''";
+#            SCAN_TIMEOUT=60 per run)
 #   ncu:     Nsight Compute of the scan kernels at NCU_SHAPES (default "T1 T3"): speed of light, occupancy,
 #            warp stall reasons, memory workload, instructions executed, DRAM bytes (NCU_TIMEOUT=150; full
 #            report $OUT/ncu.log; benchmarks/device_ncu.sh runs build + this step)
@@ -68,9 +69,10 @@ if has gemm; then
     | tee "$OUT/bench_gemm.log" | tail -35 || status=1
 fi
 if has scan; then
-  for ch in ${SCAN_CHUNKS:-64}; do
+  for ch in ${SCAN_CHUNKS:-default}; do
+    chunk_arg=(); [ "$ch" = default ] || chunk_arg=(--chunk "$ch")
     timeout ${SCAN_TIMEOUT:-60} $PY "$SRC/benchmarks/bench_scan.py" ${SCAN_BENCH_ARGS:---models T,B --dtypes bf16 --naive ''} \
-      --chunk "$ch" 2>&1 | tee "$OUT/bench_scan_chunk$ch.log" | tail -12 || status=1
+      "${chunk_arg[@]}" 2>&1 | tee "$OUT/bench_scan_chunk$ch.log" | tail -12 || status=1
   done
 fi
 if has ncu; then

@@ -38,6 +38,24 @@ def check_supported(cfg: dict, distributed: bool, device: torch.device, amp: str
         raise ValueError("--cuda-graph: " + "; ".join(problems))
 
 
+def capture(body, before_each, warmup: int = 3):
+    """The PyTorch whole-step recipe: run ``before_each(); body()`` ``warmup`` times on a side stream (Triton
+    compiles, cuDNN picks algorithms, optimizers allocate state), then ``before_each()`` and capture one
+    ``body()`` in a CUDA graph. Returns (graph, what the captured body returned: its static outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            before_each()
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    before_each()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph, out
+
+
 class GraphedStep:
     """Callable: ``loss, grad_norm = step(x, y, lr)`` runs one optimizer step by replaying the graph.
 
@@ -94,18 +112,9 @@ class GraphedStep:
     def _capture(self, x, y):
         self.x, self.y = x.clone(), y.clone()
         snap = self._snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body()
-        torch.cuda.current_stream().wait_stream(side)
         # Gradients allocated inside the capture live in the graph's memory; every replay overwrites them.
-        self.optimizer.zero_grad(set_to_none=True)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss, self.grad_norm = self._body()
+        self.graph, (self.loss, self.grad_norm) = capture(
+            self._body, lambda: self.optimizer.zero_grad(set_to_none=True), self.warmup)
         self._restore(snap)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float):

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, sys.argv[1] if len(sys.argv) > 1 else "tests")
-import groupmamba  # noqa: E402
 from groupmamba import create_model  # noqa: E402
 from groupmamba.ops import fast_linear  # noqa: E402
 from conftest import eager_and_cuda_graph, rel_err  # noqa: E402
@@ -36,7 +35,7 @@ def report(tag, a, b):
     print(f"{tag:58s} logits {rel_err(a[0], b[0]):.2e}  grads {rel_err(a[1], b[1]):.2e}", flush=True)
 
 
-orig_linear, orig_padded = fast_linear.linear, fast_linear.linear_padded
+orig_padded = fast_linear.linear_padded
 fp32 = step(None)()
 eager, graphed = eager_and_cuda_graph(step(torch.bfloat16))
 report("bf16 eager vs fp32 eager (rounding level)", eager, fp32)
@@ -52,10 +51,8 @@ fast_linear.linear_padded = orig_padded
 
 # eager, always padded
 def pad_always(x, w, b=None):
-    dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    if dt in (torch.bfloat16, torch.float16) and (w.shape[0] % 8 or w.shape[1] % 8) and w.dim() == 2:
-        return orig_padded(x, w, b, dt)
-    return F.linear(x, w, b)
+    dt = fast_linear.padded_dtype(x, w)
+    return F.linear(x, w, b) if dt is None else orig_padded(x, w, b, dt)
 import groupmamba.models.layers as L  # noqa: E402
 import groupmamba.models.mixer as M  # noqa: E402
 for mod in (fast_linear, L, M):

@@ -48,13 +48,21 @@ def linear_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(xp, wp, bp)[..., :N]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """See the module docstring."""
-    if (not x.is_cuda or weight.dim() != 2 or torch.compiler.is_compiling()
-            or not torch.cuda.is_current_stream_capturing() or _native.force_reference()):
-        return F.linear(x, weight, bias)
+def padded_dtype(x: torch.Tensor, weight: torch.Tensor):
+    """The 16-bit dtype in which ``x @ weight^T`` would run padded (K or N not a multiple of ALIGN), else None."""
+    if weight.dim() != 2:
+        return None
     dt = autocast_dtype(x) or x.dtype
     N, K = weight.shape
     if dt not in _PADDED_DTYPES or (K % ALIGN == 0 and N % ALIGN == 0) or x.shape[-1] != K:
+        return None
+    return dt
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """See the module docstring."""
+    if (not x.is_cuda or torch.compiler.is_compiling() or not torch.cuda.is_current_stream_capturing()
+            or _native.force_reference()):
         return F.linear(x, weight, bias)
-    return linear_padded(x, weight, bias, dt)
+    dt = padded_dtype(x, weight)
+    return F.linear(x, weight, bias) if dt is None else linear_padded(x, weight, bias, dt)
