@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchutil import capture_graph, device_name, write_report  # benchmarks/ is on sys.path when run as a script
+from groupmamba.train.flat_params import FlatParams
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -92,8 +93,21 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
         model.train()
         compiled = args.compile and not baseline and not graphed  # the graph captures the eager model
         run = torch.compile(model, mode=args.compile_mode) if compiled else model
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
+        # the training script's optimizer set-up: each group's parameters in one buffer (--flat-params)
+        flat = FlatParams([{"params": list(model.parameters())}]) if not args.no_flat_params and not compiled \
+            else None
+        opt = torch.optim.AdamW(flat.param_groups if flat else model.parameters(), lr=1e-4, weight_decay=0.05,
                                 **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
+
+        def zero_grad():
+            opt.zero_grad(set_to_none=True)
+            if flat:
+                flat.zero_grad()
+
+        def opt_step(step_fn):
+            if flat:
+                flat.gather_grads()
+            step_fn(opt)
         scaler = torch.amp.GradScaler(device.type, enabled=(mode == "train_fp16"))
         x = torch.randn(B, 3, img, img, device=device)
         y = torch.randint(0, 1000, (B,), device=device)
@@ -106,16 +120,16 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
         if graphed:  # forward + backward + AdamW captured; the gradients live in the graph's memory
             def body():
                 forward_loss().backward()
-                opt.step()
+                opt_step(lambda o: o.step())
 
-            step = capture_graph(body, lambda: opt.zero_grad(set_to_none=True))
+            step = capture_graph(body, zero_grad)
         else:
             def step():
                 mark_step()
                 scaler.scale(forward_loss()).backward()
-                scaler.step(opt)
+                opt_step(scaler.step)
                 scaler.update()
-                opt.zero_grad(set_to_none=True)
+                zero_grad()
     else:
         B = args.infer_batch
         model.eval()
@@ -162,6 +176,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graph", action="store_true",
                     help="capture the fast path's whole step (forward, backward, AdamW) in one CUDA graph and time "
                          "its replays: the step's device time without per-kernel host launches")
+    ap.add_argument("--no-flat-params", action="store_true",
+                    help="AdamW over the model's parameter tensors instead of one flat buffer (the training script's "
+                         "--no-flat-params)")
     ap.add_argument("--no-ffn-recompute", action="store_true",
                     help="keep every ConvFFN activation (ffn_recompute=False): memory/speed A/B of the default")
     ap.add_argument("--compile-mode", default=None,

@@ -2,7 +2,7 @@
 # The whole product on a GPU machine, in one script: build, every GPU test, model throughput, a short
 # training run (1 GPU, then 2-GPU DDP when two GPUs are visible). Logs go to $OUT (default ./device_out).
 #   tests:   pytest -m gpu over TEST_FILES (default "tests"; paths relative to the repository), -k TEST_K if set
-#   RUN_STEPS="build tests models train layer profile dwconv gemm scan ncu"   which steps to run (default: all but ncu, in this order)
+#   RUN_STEPS="build tests models train layer profile dwconv gemm scan sanitize ncu"   which steps to run (default: all but ncu, in this order)
 #   layer:   benchmarks/bench_layer.py (one GroupMambaLayer fwd/bwd at every stage shape vs the official-style
 #            path; LAYER_BENCH_ARGS, LAYER_TIMEOUT=200), profile: benchmarks/profile_model.py (torch.profiler of
 #            a T training and inference step; PROFILE_ARGS, PROFILE_TIMEOUT=120; trace_train.json.gz in $OUT)
@@ -13,6 +13,7 @@
 #   scan:    benchmarks/bench_scan.py at grouped_scan's default chunk per shape, or once per chunk length in
 #            SCAN_CHUNKS (a sweep); SCAN_BENCH_ARGS, default "--models T,B --dtypes bf16 --naive ''";
 #            SCAN_TIMEOUT=60 per run)
+#   sanitize: compute-sanitizer memcheck + racecheck over benchmarks/sanitize_scan.py (SANITIZE_TIMEOUT=150 each)
 #   ncu:     Nsight Compute of the scan kernels at NCU_SHAPES (default "T1 T3"): speed of light, occupancy,
 #            warp stall reasons, memory workload, instructions executed, DRAM bytes (NCU_TIMEOUT=150; full
 #            report $OUT/ncu.log; benchmarks/device_ncu.sh runs build + this step)
@@ -23,7 +24,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 PY=${PYTHON:-python3}
 SRC=$PWD
-RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile dwconv gemm scan"}
+RUN_STEPS=${RUN_STEPS:-"build tests models train layer profile dwconv gemm scan sanitize"}
 status=0
 has() { [[ " $RUN_STEPS " == *" $1 "* ]]; }
 
@@ -73,6 +74,13 @@ if has scan; then
     chunk_arg=(); [ "$ch" = default ] || chunk_arg=(--chunk "$ch")
     timeout ${SCAN_TIMEOUT:-60} $PY "$SRC/benchmarks/bench_scan.py" ${SCAN_BENCH_ARGS:---models T,B --dtypes bf16 --naive ''} \
       "${chunk_arg[@]}" 2>&1 | tee "$OUT/bench_scan_chunk$ch.log" | tail -12 || status=1
+  done
+fi
+if has sanitize; then
+  for tool in memcheck racecheck; do
+    timeout ${SANITIZE_TIMEOUT:-150} compute-sanitizer --tool $tool --target-processes all $PY "$SRC/benchmarks/sanitize_scan.py" \
+      > "$OUT/sanitizer_$tool.log" 2>&1 || status=1
+    echo "sanitizer $tool: $(tail -1 "$OUT/sanitizer_$tool.log")"
   done
 fi
 if has ncu; then

@@ -10,7 +10,9 @@ profiled for --steps steps. Reported per step:
   (b) device busy time (union of kernel/memcpy/memset intervals) and the sum of kernel times, against
       wall time: busy/wall near 1 means device-bound, well below 1 means the GPU waits on the host;
   (c) kernel launches (device kernels; and launch API calls on the host);
-  (d) CPU-side op count (all aten:: ops, and top-level ones, i.e. not nested in another aten op).
+  (d) CPU-side op count (all aten:: ops, and top-level ones, i.e. not nested in another aten op);
+  (e) on CUDA, device time by part of the model (kernel names grouped by CATEGORIES) and the top 20 aten
+      ops by the device time of the kernels they launch.
 Writes $OUT/profile.md (or --out) and, for the train step, $OUT/trace_train.json.gz when under 16 MB.
 """
 from __future__ import annotations
@@ -29,6 +31,32 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from benchutil import device_name  # benchmarks/ is on sys.path when run as a script
 
 MAX_TRACE_BYTES = 16 << 20
+# Kernel name patterns -> the part of the model they belong to (first match wins), so one profile says
+# where a step's device time goes without reading 25 mangled names.
+CATEGORIES = (
+    ("scan forward", ("fwd_fast_kernel", "fwd_generic_kernel")),
+    ("scan backward", ("bwd_fast_kernel", "bwd_generic_kernel", "reduce_level")),
+    ("dwconv (Triton fwd / cuDNN bwd)", ("_dwconv_fwd", "conv_depthwise", "depthwise", "dgrad", "wgrad")),
+    ("group LayerNorm + gate (Triton)", ("_gln_",)),
+    ("modulation + LayerNorm (Triton)", ("_ln_pool", "_mod_ln")),
+    ("bias column sums (Triton)", ("_colsum",)),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
+    ("other convolution (stem, downsample)", ("conv", "implicit", "winograd", "cudnn")),
+    ("optimizer", ("multi_tensor", "adam", "Adam")),
+    ("normalization (torch)", ("layer_norm", "LayerNorm", "batch_norm")),
+    ("reductions (torch)", ("reduce_kernel", "Reduce")),
+    ("copies, casts, padding", ("copy", "Memcpy", "Memset", "cat", "pad", "transpose", "fill")),
+    ("elementwise (torch)", ("elementwise", "Elementwise")),
+)
+
+
+def category(name: str) -> str:
+    for label, keys in CATEGORIES:
+        if any(k in name for k in keys):
+            return label
+    return "other"
+
+
 LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
 
@@ -94,8 +122,10 @@ def is_aten_nested(e) -> bool:
 
 def analyze(prof, steps: int, mode: str, wall: float, wall_prof: float, cuda: bool) -> list:
     events = prof.events()
-    dev = [e for e in events if e.device_type == DeviceType.CUDA]
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
+    # record_function ranges ("train_step", "Optimizer.step#...") also appear as device-side events
+    # spanning their kernels; only real kernels and copies count
+    dev = [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     kernels = [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))]
     aten = [e for e in cpu if e.name.startswith("aten::")]
     top_level = [e for e in aten if not is_aten_nested(e)]
@@ -129,6 +159,25 @@ def analyze(prof, steps: int, mode: str, wall: float, wall_prof: float, cuda: bo
                   f"{launches / steps:.0f} launch API calls on the host"]
     else:
         lines += ["- device time / kernel launches: n/a on CPU"]
+    if cuda:
+        cats = collections.defaultdict(lambda: [0, 0.0])
+        for name, (n, us) in agg.items():
+            cats[category(name)][0] += n
+            cats[category(name)][1] += us
+        lines += ["", "### device time by part (per step)", "", "| part | kernels | ms | share |", "|---|---|---|---|"]
+        for label, (n, us) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"| {label} | {n / steps:.0f} | {us / 1e3 / steps:.3f} | {100 * us / total:.1f}% |")
+        lines.append("")
+    if cuda:
+        # which torch ops launch the device time: kernels charged to the op that launched them
+        ops = [a for a in prof.key_averages() if a.self_device_time_total > 0 and a.key.startswith("aten::")]
+        ops.sort(key=lambda a: -a.self_device_time_total)
+        lines += ["### top 20 aten ops by the device time of the kernels they launch (per step)", "",
+                  "| op | calls | ms | share |", "|---|---|---|---|"]
+        for a in ops[:20]:
+            lines.append(f"| `{a.key}` | {a.count / steps:.0f} | {a.self_device_time_total / 1e3 / steps:.3f} | "
+                         f"{100 * a.self_device_time_total / total:.1f}% |")
+        lines.append("")
     lines += [f"- CPU-side ops per step: {len(aten) / steps:.0f} aten ops, {len(top_level) / steps:.0f} top-level "
               f"(not nested in another aten op)", "", f"### {title} (per step)", "",
               "| # | name | calls | total ms | share |", "|---|---|---|---|---|"]

@@ -5,6 +5,7 @@ All token tensors are (B, L, C) with L = H * W in row-major order.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -12,7 +13,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from groupmamba.ops import dwconv_act, group_layer_norm, linear
+from groupmamba.ops import dwconv_act, group_layer_norm, keep_preactivation, linear
 from groupmamba.ops._util import autocast_dtype
 
 
@@ -98,6 +99,12 @@ class DWConv(nn.Module):
         return map_to_tokens(self.dwconv(tokens_to_map(x, H, W)))
 
 
+def _keep_preactivation_in_recompute():
+    """checkpoint context_fn: the recompute (run just before the tail's backward) keeps the conv's
+    pre-activation for dwconv_act's backward, which then skips a third pass of the conv."""
+    return contextlib.nullcontext(), keep_preactivation()
+
+
 class ConvFFN(nn.Module):
     """PVTv2-style feed-forward: fc1 -> depthwise 3x3 conv -> GELU -> fc2 (the official PVT2FFN).
 
@@ -105,6 +112,8 @@ class ConvFFN(nn.Module):
     so only fc1's output is kept for the backward instead of three hidden-width tensors (fc1 output,
     conv output, GELU output). The hidden layer is mlp_ratio (4-8) times wider than the block, so this
     is the largest activation of the model; the price is re-running the conv, GELU and fc2 forward.
+    The recompute keeps the conv's pre-activation (ops.keep_preactivation), which the conv's backward
+    would otherwise recompute once more.
     """
 
     def __init__(self, dim: int, hidden_dim: int, recompute: bool = True):
@@ -120,7 +129,8 @@ class ConvFFN(nn.Module):
         h = self.fc1(x)
         if self.recompute and h.requires_grad and torch.is_grad_enabled():
             # no RNG in the tail, so no RNG state to stash (that would also break CUDA-graph capture)
-            return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False)
+            return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False,
+                              context_fn=_keep_preactivation_in_recompute)
         return self._tail(h, H, W)
 
     def _tail(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:

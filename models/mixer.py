@@ -187,6 +187,12 @@ class GroupMambaLayer(nn.Module):
         w_in = torch.stack([g.in_proj.weight for g in self.groups])     # (4, 2d, d): rows [x | z]
         if self._use_blockdiag(xn):
             w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)
+            dt = autocast_dtype(xn)
+            if dt is not None and xn.dtype != dt:
+                # Cast once for both GEMMs. Autocast casts a non-leaf input anew at every call, so
+                # each GEMM would make, and keep for its weight gradient, a copy of its own: 0.32 GiB
+                # of GroupMamba-T's training peak at B=128 (H200, BENCHMARKS.md).
+                xn = xn.to(dt)
             return linear(xn, w_xz[0]), linear(xn, w_xz[1])
         xz = grouped_linear_bmm(xn, w_in)                               # (4, M, 2d)
         return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))

@@ -4,7 +4,8 @@
   forward and gradients of x, weight, bias; argument errors.
 * Triton interpreter (always, when Triton is importable): the forward kernel at several tile sizes
   and the backward (recompute + aten.convolution_backward) on CPU tensors
-  with TRITON_INTERPRET=1, in a subprocess.
+  with TRITON_INTERPRET=1, in a subprocess; under an activation checkpoint that keeps the
+  pre-activation (ConvFFN's recompute), one conv pass fewer and bit-identical results.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
   1392), fp32 / bf16 / fp16, outputs poisoned first; under bf16 autocast.
 
@@ -13,6 +14,7 @@ B*H*W); bf16 / fp16 1e-2.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -100,7 +102,62 @@ def _interpret_checks():
     res = run(D.dwconv_act_fused, inp, "gelu")
     compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")
     assert res["out"].dtype == res["dx"].dtype == torch.bfloat16 and res["dweight"].dtype == torch.float32
+    _check_kept_preactivation(td)
+    _check_act_backward_and_bias_grad(td)
+    td.CONFIG.update(defaults, fused_act_bwd=False)      # the unfused backward (torch's derivative + column_sum)
+    for act in ("silu", "gelu"):
+        inp = make(2, 5, 7, 16)
+        compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter unfused bwd {act}")
+    td.CONFIG.update(defaults)
     print("interpreter checks passed")
+
+
+def _check_act_backward_and_bias_grad(td):
+    """The backward's fused activation derivative + bias-gradient partials against torch's derivative
+    and a float64 column sum: several row blocks, a ragged column block (N = 130), fp32 and bf16."""
+    from groupmamba.ops import triton_colsum as tc
+    saved = dict(tc.CONFIG)
+    tc.CONFIG.update(programs=8)
+    try:
+        for dt in (torch.float32, torch.bfloat16):
+            for act in ("silu", "gelu"):
+                g = torch.randn(3, 37, 130, dtype=torch.float64).to(dt)
+                pre = (3 * torch.randn(3, 37, 130, dtype=torch.float64)).to(dt)
+                gpre, db = td.act_backward_and_bias_grad(g, pre, act)
+                ref = getattr(torch.ops.aten, f"{act}_backward")(g.double(), pre.double())
+                assert gpre.dtype == dt and gpre.shape == g.shape and db.dtype == torch.float32
+                assert rel_err(gpre, ref) <= (1e-6 if dt == torch.float32 else 1e-2), (act, dt)
+                # db sums the stored (rounded) gpre
+                assert rel_err(db, gpre.double().sum((0, 1))) <= 1e-6, (act, dt)
+    finally:
+        tc.CONFIG.update(saved)
+
+
+def _check_kept_preactivation(td, device="cpu", dtype=torch.float32):
+    """Under an activation checkpoint whose recompute keeps the pre-activation (as ConvFFN runs it), the
+    conv runs twice (forward, recompute) instead of three times (+ the backward's recompute), and the
+    results equal the plain call's bit for bit (the kept pre-activation is the same rounding of the same
+    sums as the recomputed one)."""
+    from torch.utils.checkpoint import checkpoint
+
+    calls = []
+    conv = td._conv
+    td._conv = lambda *a, **k: calls.append(k.get("keep_pre", False)) or conv(*a, **k)
+    try:
+        inp = make(2, 6, 5, 24, dtype=dtype, device=device)
+        plain = run(D.dwconv_act_fused, inp, "gelu")
+        assert calls == [False, False], calls   # forward + the backward's recompute
+        calls.clear()
+        ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
+        ckpt = run(lambda *a: checkpoint(D.dwconv_act_fused, *a, use_reentrant=False, context_fn=ctx), inp, "gelu")
+        assert calls == [False, True], calls    # forward, recompute keeping the pre-activation; no third
+    finally:
+        td._conv = conv
+    for k in plain:
+        assert torch.equal(plain[k], ckpt[k]), k
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    compare(ckpt, hand64(inp, "gelu"), tol, 1e-4 if dtype == torch.float32 else 1e-2,
+            f"checkpoint + kept pre-activation {device} {dtype}")
 
 
 def test_triton_interpreter_cpu():
@@ -124,6 +181,12 @@ def test_gpu_fused_vs_float64(shape, act, dt):
     tol = 1e-5 if dt == torch.float32 else 1e-2
     compare(res, hand64(inp, act), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu {shape} {act} {dt}")
     assert res["out"].dtype == dt
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_checkpoint_keeps_preactivation(dt):
+    _check_kept_preactivation(D._td, "cuda", dt)
 
 
 @pytest.mark.gpu

@@ -117,6 +117,12 @@ def _interpret_checks():
         e = colsum_err(out, g)
         assert e <= 1e-6, (M, N, e)
     TC.CONFIG.update(saved)
+    # the captured Linear's column-sum bias gradient, unpadded (align 1) and padded, vs float64
+    for M, K, N, align in [(40, 24, 16, 1), (37, 22, 35, 8)]:
+        inp = make(M, K, N, lead=(2,))
+        res = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16, align, L._LinearColumnSumBias.apply), inp)
+        compare(res, ref64(inp), 1e-2, 1e-2, f"interpreter column-sum Linear {M}x{K}x{N} align {align}")
+        assert res["out"].dtype == torch.bfloat16 and res["dbias"].dtype == torch.float32
     print("interpreter checks passed")
 
 
@@ -165,6 +171,29 @@ def test_gpu_linear_pads_under_graph_capture_only(autocast):
     assert eager.dtype == graphed.dtype == torch.bfloat16
     ref = F.linear(x.double(), w.double(), b.double())
     assert rel_err(eager, ref) <= 1e-2 and rel_err(graphed, ref) <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", [(348, 348), (64, 512)], ids=str)
+def test_gpu_captured_linear_step_matches_eager(K, N):
+    """A captured forward + backward of linear() (padded GEMMs where needed, the bias gradient by
+    column_sum) against the eager F.linear step under bf16 autocast: values and all three gradients."""
+    inp = make(1568, K, N, device="cuda", lead=(2,))
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias")}
+
+    def step():
+        for t in leaves.values():
+            t.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = L.linear(*leaves.values())
+        (out.float() * inp["g"]).sum().backward()
+        return [out] + [t.grad for t in leaves.values()]
+
+    eager, graphed = eager_and_cuda_graph(step)
+    ref = ref64(inp)
+    for name, e, gr in zip(("out", "dx", "dweight", "dbias"), eager, graphed):
+        assert gr.dtype == e.dtype and gr.shape == e.shape, name
+        assert rel_err(e, ref[name]) <= 1e-2 and rel_err(gr, ref[name]) <= 1e-2, name
 
 
 @pytest.mark.gpu

@@ -556,6 +556,25 @@ def test_whole_model_in_bf16_runs():
     assert torch.isfinite(out.float()).all()
 
 
+def test_in_proj_keeps_one_low_precision_copy_of_its_input():
+    """Under autocast the two in_proj GEMMs (x and z halves) share one cast of the normed input; autocast
+    alone would cast it, and save the copy for the weight gradient, once per GEMM."""
+    from groupmamba.models.mixer import GroupMambaLayer
+
+    layer = GroupMambaLayer(16, proj_impl="blockdiag")
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x, 3, 4)
+    xn = F.layer_norm(x.detach(), (16,), layer.norm.weight.detach(), layer.norm.bias.detach(), layer.norm.eps)
+    xn16 = xn.to(torch.bfloat16).view(2, 3, 4, 16)
+    copies = {t.untyped_storage().data_ptr() for t in saved
+              if t.dtype == torch.bfloat16 and t.numel() == xn16.numel() and t.shape[-1] == 16
+              and rel_err(t.reshape(xn16.shape), xn16) < 1e-2}
+    assert len(copies) == 1, len(copies)
+
+
 def test_exports():
     for name in ("create_model", "groupmamba_tiny", "groupmamba_small", "groupmamba_base", "groupmamba_demo"):
         assert hasattr(groupmamba, name)

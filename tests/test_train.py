@@ -443,3 +443,57 @@ def test_gpu_cuda_graph_training_matches_eager(tmp_path):
     for i, st in e["optimizer"]["state"].items():
         for k, v in st.items():
             assert rel(torch.as_tensor(g["optimizer"]["state"][i][k]), torch.as_tensor(v)) <= 1e-4, f"opt {i}.{k}"
+
+
+# ----------------------------------------------------------------------------------------------- flat parameters
+def _small_net():
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 4 * 4, 10), torch.nn.LayerNorm(10))
+    return net.to(memory_format=torch.channels_last)
+
+
+def test_flat_params_step_equals_per_parameter_step():
+    """AdamW over FlatParams' buffers gives the per-parameter run's weights and gradient norms; the parameters stay
+    views of the buffers with their shapes and (channels_last) strides, and the state dict is unchanged."""
+    from groupmamba.train.common import param_groups
+    from groupmamba.train.flat_params import FlatParams
+
+    nets = [_small_net(), _small_net()]
+    before = {k: v.clone() for k, v in nets[0].state_dict().items()}
+    strides = [p.stride() for p in nets[0].parameters()]
+    flat = FlatParams(param_groups(nets[0], 0.05))
+    assert [p.stride() for p in nets[0].parameters()] == strides
+    assert all(torch.equal(before[k], v) for k, v in nets[0].state_dict().items())
+    bufs = flat.buffers
+    assert len(bufs) == 2 and sum(b.numel() for b in bufs) == sum(p.numel() for p in nets[0].parameters())
+    for buf, params, _ in flat.groups:
+        lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+        assert all(lo <= p.data_ptr() < hi for p in params)
+    opts = [torch.optim.AdamW(flat.param_groups, lr=1e-2), torch.optim.AdamW(param_groups(nets[1], 0.05), lr=1e-2)]
+    for step in range(3):
+        x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(step))
+        norms = []
+        for i, (net, opt) in enumerate(zip(nets, opts)):
+            net(x).square().mean().backward()
+            if i == 0:
+                flat.gather_grads()
+            params = [p for g in opt.param_groups for p in g["params"]]
+            # the norm over the buffers equals the per-parameter one (up to summation order); max_norm is
+            # large so both runs scale by exactly 1 and the updates must agree bit for bit
+            norms.append(torch.nn.utils.clip_grad_norm_(params, 1e9))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        flat.zero_grad()
+        assert torch.allclose(norms[0], norms[1], rtol=1e-6, atol=0)
+    for (k, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(a, b), (k, (a - b).abs().max().item())
+    assert not torch.equal(nets[0][3].weight, before["3.weight"])        # the steps moved the weights
+
+
+def test_resume_checks_flat_optimizer_state(tmp_path):
+    fit(cfg_for(tmp_path, "--demo", "--model", "standin", "--epochs", "1", "--batch-size", "32", "--limit-train",
+                "64", "--limit-val", "32", "--max-steps", "1"))
+    with pytest.raises(ValueError, match="flat-params"):
+        fit(cfg_for(tmp_path, "--demo", "--model", "standin", "--epochs", "1", "--batch-size", "32",
+                    "--limit-train", "64", "--limit-val", "32", "--no-flat-params"))

@@ -65,6 +65,8 @@ RECIPE: dict[str, tuple[Any, str]] = {
     "eps": (1e-8, "AdamW epsilon"),
     "clip_grad": (5.0, "gradient-norm clipping (0 disables)"),
     "fused_adamw": (True, "use the fused AdamW implementation on CUDA"),
+    "flat_params": (True, "keep each optimizer group's parameters in one buffer, so AdamW and gradient clipping run "
+                          "as a few large launches instead of dozens of small ones (not with --compile)"),
     "amp": ("auto", "mixed precision: auto (bf16 on CUDA, none on CPU), bf16, fp16 (with grad scaler) or none"),
     # EMA
     "ema": (True, "keep an exponential moving average of the weights (also evaluated)"),

@@ -25,6 +25,7 @@ from . import checkpoint as ckpt_mod
 from .common import (EMA, DistInfo, all_reduce_sum, autocast_factory, barrier, build_teacher, create_student,
                      init_distributed, lr_at, param_groups)
 from .data import ShardSampler, TrainSampler, build_datasets, make_loader
+from .flat_params import FlatParams, check_optimizer_state
 from .graph_step import GraphedStep, check_supported
 from .losses import DistillationLoss, base_criterion
 from .logs import NullLogger, RunLogger
@@ -124,7 +125,10 @@ class Trainer:
         self.model = model
         self.ema = EMA(model, cfg["ema_decay"]) if cfg["ema"] else None
         fused = self.dev.type == "cuda" and cfg["fused_adamw"]
-        self.optimizer = torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), lr=self.base_lr,
+        groups = param_groups(model, cfg["weight_decay"])
+        # after every move of the model (FlatParams re-seats the parameters) and after the EMA's copy
+        self.flat = FlatParams(groups) if cfg["flat_params"] and not cfg["compile"] else None
+        self.optimizer = torch.optim.AdamW(self.flat.param_groups if self.flat else groups, lr=self.base_lr,
                                            betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
                                            **({"fused": True, "capturable": cfg["cuda_graph"]} if fused else {}))
         self.scaler = torch.amp.GradScaler(self.dev.type) if self.amp == "fp16" else None
@@ -168,7 +172,8 @@ class Trainer:
                                           teacher_autocast=self.autocast if cfg["teacher_amp"] else None)
         # built after any resume: it points the optimizer's learning rate at a device tensor
         self.graphed_step = (GraphedStep(self.model, self.forward_model, self.criterion, self.optimizer,
-                                         self.autocast, cfg["clip_grad"]) if cfg["cuda_graph"] else None)
+                                         self.autocast, cfg["clip_grad"], flat=self.flat)
+                             if cfg["cuda_graph"] else None)
 
         pin = cfg["pin_memory"] and self.dev.type == "cuda"
         self.train_sampler = TrainSampler(len(self.train_ds), info.world, info.rank, cfg["seed"])
@@ -204,6 +209,7 @@ class Trainer:
                 self.ema.load_state_dict(ck["model_ema"])
             else:
                 self.ema.module.load_state_dict(ck["model"])
+        check_optimizer_state(self.optimizer, ck["optimizer"], self.flat is not None, path)
         self.optimizer.load_state_dict(ck["optimizer"])
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
@@ -306,10 +312,13 @@ class Trainer:
             loss_acc += loss.detach() / self.micro_per_step
             nonfinite += (~torch.isfinite(loss.detach())).float()
             nimages += x.shape[0] * info.world
+        if self.flat is not None:
+            self.flat.gather_grads()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        if cfg["clip_grad"] > 0:
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["clip_grad"])
+        if cfg["clip_grad"] > 0:  # over the optimizer's parameters: the flat buffers under --flat-params
+            opt_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            gn = torch.nn.utils.clip_grad_norm_(opt_params, cfg["clip_grad"])
             gn_acc += gn.detach().float()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -317,6 +326,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.flat is not None:
+            self.flat.zero_grad()
         return nbad, nimages
 
     # ------------------------------------------------------------------------------------------- loop

@@ -64,9 +64,11 @@ class GraphedStep:
     The optimizer must be a fused AdamW created with ``capturable=True``.
     """
 
-    def __init__(self, model, forward_model, criterion, optimizer, autocast, clip_grad: float, warmup: int = 3):
+    def __init__(self, model, forward_model, criterion, optimizer, autocast, clip_grad: float, warmup: int = 3,
+                 flat=None):
         self.model, self.forward_model, self.criterion = model, forward_model, criterion
         self.optimizer, self.autocast, self.clip_grad, self.warmup = optimizer, autocast, clip_grad, warmup
+        self.flat = flat  # FlatParams whose buffers the optimizer updates, or None
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         dev = self.params[0].device
         # One device tensor read by every param group: the captured AdamW takes the learning rate from it.
@@ -81,12 +83,19 @@ class GraphedStep:
             out = self.forward_model(self.x)
         loss, _ = self.criterion(self.x, out, self.y)
         loss.backward()
+        if self.flat is not None:
+            self.flat.gather_grads()
         if self.clip_grad > 0:
             gn = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
         else:
             gn = torch.zeros((), device=self.x.device)
         self.optimizer.step()
         return loss.detach(), gn.detach()
+
+    def _zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.flat is not None:
+            self.flat.zero_grad()
 
     def _snapshot(self):
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -113,8 +122,7 @@ class GraphedStep:
         self.x, self.y = x.clone(), y.clone()
         snap = self._snapshot()
         # Gradients allocated inside the capture live in the graph's memory; every replay overwrites them.
-        self.graph, (self.loss, self.grad_norm) = capture(
-            self._body, lambda: self.optimizer.zero_grad(set_to_none=True), self.warmup)
+        self.graph, (self.loss, self.grad_norm) = capture(self._body, self._zero_grad, self.warmup)
         self._restore(snap)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float):

@@ -1,6 +1,6 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
 (gated) LayerNorm, the depthwise conv + activation and a Linear with padded GEMMs."""
-from .dwconv import dwconv_act
+from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import linear
 from .modulation import layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
@@ -18,6 +18,7 @@ __all__ = [
     "grouped_scan",
     "grouped_scan_naive",
     "grouped_scan_reference",
+    "keep_preactivation",
     "linear",
     "layernorm_pool",
     "modulate_layernorm",

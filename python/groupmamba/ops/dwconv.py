@@ -12,6 +12,8 @@ reference. Output dtype: x's (under autocast the reference's conv runs in the au
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,12 @@ def dwconv_act_reference(x, weight, bias, act: str):
     elif act == "gelu":
         y = F.gelu(y)
     return y.permute(0, 2, 3, 1)
+
+
+def keep_preactivation():
+    """Context manager: fused dwconv_act calls inside it keep the pre-activation for their backward
+    (see triton_dwconv.keep_preactivation); a no-op without the Triton kernels."""
+    return contextlib.nullcontext() if _td is None else _td.keep_preactivation()
 
 
 def _use_fused(x, weight, bias) -> bool:

@@ -41,14 +41,24 @@ def column_sum(g: torch.Tensor) -> torch.Tensor:
     M, N = g.shape
     if M == 0:
         return torch.zeros(N, device=g.device, dtype=torch.float32)
+    grid, rows = row_blocks(M, N, "column_sum")
+    partial = torch.empty(grid[0], N, device=g.device, dtype=torch.float32)
+    _colsum_partial[grid](g, partial, M, N, rows, BLOCK_M=CONFIG["block_m"], BLOCK_N=CONFIG["block_n"],
+                          num_warps=CONFIG["num_warps"])
+    return sum_partials(partial)
+
+
+def row_blocks(M: int, N: int, op: str):
+    """Launch geometry of a column reduction over (M, N): ((row blocks, column blocks), rows per block)."""
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
     n_blocks = triton.cdiv(N, bn)
     target = max(1, min(triton.cdiv(M, bm), CONFIG["programs"] // n_blocks))   # row blocks wanted
     rows = triton.cdiv(triton.cdiv(M, target), bm) * bm                        # rows per block
-    progs_m = triton.cdiv(M, rows)
     if rows * N >= 2 ** 31:
-        raise ValueError(f"column_sum: a block of {rows} rows x {N} columns needs 64-bit offsets")
-    partial = torch.empty(progs_m, N, device=g.device, dtype=torch.float32)
-    _colsum_partial[(progs_m, n_blocks)](g, partial, M, N, rows, BLOCK_M=bm, BLOCK_N=bn,
-                                         num_warps=CONFIG["num_warps"])
-    return partial.sum(0) if progs_m > 1 else partial[0]
+        raise ValueError(f"{op}: a block of {rows} rows x {N} columns needs 64-bit offsets")
+    return (triton.cdiv(M, rows), n_blocks), rows
+
+
+def sum_partials(partial: torch.Tensor) -> torch.Tensor:
+    """(row blocks, N) fp32 partial column sums -> (N,)."""
+    return partial.sum(0) if partial.shape[0] > 1 else partial[0]

@@ -12,26 +12,36 @@ registers and spills; with 32-bit in-tile offsets 0.78 ms (88 SASS instructions 
 bound); this sliding-window kernel 0.56 ms (52 per element), and it was faster or equal at every
 GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us). See BENCHMARKS.md, "Depthwise conv kernels".
 Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
-the activation's derivative, and hand the rest to aten.convolution_backward (cuDNN's NHWC depthwise
-dgrad and wgrad) for dx and dweight; dbias is triton_colsum.column_sum of the pre-activation's
-gradient. Of the activations only x is saved, not the conv output.
+the activation's derivative and sum the result over positions for dbias in one pass (_act_bwd_colsum;
+CONFIG["fused_act_bwd"]=False: torch's silu/gelu_backward, then triton_colsum.column_sum), and hand the
+rest to aten.convolution_backward (cuDNN's NHWC depthwise dgrad and wgrad) for dx and dweight. Of the
+activations only x is saved, not the conv output. Inside ``keep_preactivation()``
+(ConvFFN's checkpoint recompute, which runs right before this backward) the forward also stores the
+pre-activation and saves it, so the backward skips its recompute: the FFN's conv runs twice per step
+instead of three times.
 A fused Triton backward (recompute + activation derivative + per-program weight-gradient partials in one
 kernel, then dx as this forward with flipped taps) was measured on an H200 on 2026-11-28 and was slower:
 22 ms of a GroupMamba-T training step against ~11 ms for the cuDNN kernels (see BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import triton
 import triton.language as tl
 
+from . import triton_colsum as _tc
 from .triton_colsum import column_sum
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # block_h: output rows per program (None: 4 for H >= 28, else 2: within 1 us of the better of the two at
 # every GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
 # program (capped at C's next power of two); num_warps
-CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4}
+# fused_act_bwd: the backward's activation derivative and bias-gradient sum in one Triton pass
+# (_act_bwd_colsum) instead of torch's silu/gelu_backward followed by triton_colsum.column_sum
+CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True}
 
 
 def tiles(H: int, C: int):
@@ -51,10 +61,13 @@ def _row_col(img, off, m, w, W, C):
 
 
 @triton.jit
-def _out_col(obase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-             lu, mu, ru, lm, mm, rm, ld, md, rd, ACT: tl.constexpr):
-    """Output column w from the window (l/m/r = columns w-1, w, w+1; u/m/d = rows above, at, below)."""
+def _out_col(obase, pbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+             lu, mu, ru, lm, mm, rm, ld, md, rd, ACT: tl.constexpr, STORE_PRE: tl.constexpr):
+    """Output column w from the window (l/m/r = columns w-1, w, w+1; u/m/d = rows above, at, below);
+    with STORE_PRE also the pre-activation at pbase."""
     acc = bias + lu * t0 + mu * t1 + ru * t2 + lm * t3 + mm * t4 + rm * t5 + ld * t6 + md * t7 + rd * t8
+    if STORE_PRE:
+        tl.store(pbase + off + w * C, acc.to(pbase.dtype.element_ty), mask=m & (w < W))
     if ACT == 1:
         acc = acc * tl.sigmoid(acc)
     elif ACT == 2:
@@ -63,8 +76,8 @@ def _out_col(obase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
 
 
 @triton.jit(do_not_specialize=["H", "W", "NHB"])
-def _dwconv_fwd(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
-                BLOCK_C: tl.constexpr):
+def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // NHB
     hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -99,24 +112,73 @@ def _dwconv_fwd(X, WT, Bias, OUT, H, W, C, NHB, ACT: tl.constexpr, BLOCK_H: tl.c
     bm = _row_col(img, off_m, m_m, 0, W, C)
     bd = _row_col(img, off_d, m_d, 0, W, C)
     obase = OUT + image
+    pbase = PRE + image
     for w in range(0, W, 3):
         cu = _row_col(img, off_u, m_u, w + 1, W, C)
         cm = _row_col(img, off_m, m_m, w + 1, W, C)
         cd = _row_col(img, off_d, m_d, w + 1, W, C)
-        _out_col(obase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                 au, bu, cu, am, bm, cm, ad, bd, cd, ACT)
+        _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 au, bu, cu, am, bm, cm, ad, bd, cd, ACT, STORE_PRE)
         du = _row_col(img, off_u, m_u, w + 2, W, C)
         dm = _row_col(img, off_m, m_m, w + 2, W, C)
         dd = _row_col(img, off_d, m_d, w + 2, W, C)
-        _out_col(obase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                 bu, cu, du, bm, cm, dm, bd, cd, dd, ACT)
+        _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 bu, cu, du, bm, cm, dm, bd, cd, dd, ACT, STORE_PRE)
         eu = _row_col(img, off_u, m_u, w + 3, W, C)
         em = _row_col(img, off_m, m_m, w + 3, W, C)
         ed = _row_col(img, off_d, m_d, w + 3, W, C)
-        _out_col(obase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                 cu, du, eu, cm, dm, em, cd, dd, ed, ACT)
+        _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 cu, du, eu, cm, dm, em, cd, dd, ed, ACT, STORE_PRE)
         au, am, ad = du, dm, dd
         bu, bm, bd = eu, em, ed
+
+
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit(do_not_specialize=["M", "ROWS"])
+def _act_bwd_colsum(G, PRE, GPRE, P, M, N, ROWS, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """GPRE = G * act'(PRE) over a block of rows of the (M, N) matrices, and P[pid_m] = the fp32 column
+    sums of the stored (rounded) GPRE over that block: the bias gradient's partials in the same pass.
+    act' as torch's silu_backward / gelu_backward (exact erf GELU) compute it, in fp32."""
+    pid_m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    r0 = pid_m * ROWS
+    nrows = tl.minimum(ROWS, M - r0)
+    base = r0.to(tl.int64) * N           # 64-bit block base, 32-bit offsets inside the block
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, nrows, BLOCK_M):
+        rows = r + tl.arange(0, BLOCK_M)
+        m = (rows < nrows)[:, None] & cmask[None, :]
+        off = base + rows[:, None] * N + cols[None, :]
+        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
+        z = tl.load(PRE + off, mask=m, other=0.0).to(tl.float32)
+        if ACT == 1:
+            s = tl.sigmoid(z)
+            d = s * (1.0 + z * (1.0 - s))
+        else:
+            d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        gp = (g * d).to(GPRE.dtype.element_ty)
+        tl.store(GPRE + off, gp, mask=m)
+        acc += gp.to(tl.float32)         # masked entries are 0
+    tl.store(P + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def act_backward_and_bias_grad(grad_out, pre, act: str):
+    """(act'(pre) * grad_out, its column sums in fp32) for (..., C) tensors, in one pass."""
+    C = pre.shape[-1]
+    g2, p2 = grad_out.reshape(-1, C), pre.reshape(-1, C)
+    M = g2.shape[0]
+    gpre = torch.empty_like(g2)
+    if M == 0:
+        return gpre.view(pre.shape), torch.zeros(C, device=pre.device, dtype=torch.float32)
+    grid, rows = _tc.row_blocks(M, C, "dwconv_act backward")
+    partial = torch.empty(grid[0], C, device=pre.device, dtype=torch.float32)
+    _act_bwd_colsum[grid](g2, p2, gpre, partial, M, C, rows, ACT=ACTS[act], BLOCK_M=_tc.CONFIG["block_m"],
+                          BLOCK_N=_tc.CONFIG["block_n"], num_warps=_tc.CONFIG["num_warps"])
+    return gpre.view(pre.shape), _tc.sum_partials(partial)
 
 
 def _check_size(x):
@@ -126,15 +188,33 @@ def _check_size(x):
                          "(32-bit offsets inside one image); split the image")
 
 
-def _conv(x, taps, bias, act: str):
+def _conv(x, taps, bias, act: str, keep_pre: bool = False):
+    """act(conv(x) + bias); with keep_pre, (that, the pre-activation conv(x) + bias) from one pass."""
     B, H, W, C = x.shape
     out = torch.empty_like(x)
+    pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
     if out.numel():
         bh, bc, nw = tiles(H, C)
         nhb = triton.cdiv(H, bh)
-        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, bias, out, H, W, C, nhb, ACT=ACTS[act],
-                                                   BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
-    return out
+        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, bias, out, pre, H, W, C, nhb, ACT=ACTS[act],
+                                                   STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
+    return (out, pre) if keep_pre else out
+
+
+_keep = threading.local()
+
+
+@contextlib.contextmanager
+def keep_preactivation():
+    """Inside this context DWConvAct saves the pre-activation for its backward instead of recomputing
+    it there. Meant for an activation-checkpoint recompute, whose saved tensors live only until the
+    backward that follows; elsewhere it would keep one more activation-sized tensor per call."""
+    prev = getattr(_keep, "on", False)
+    _keep.on = True
+    try:
+        yield
+    finally:
+        _keep.on = prev
 
 
 def _taps(weight):
@@ -147,26 +227,41 @@ class DWConvAct(torch.autograd.Function):
         _check_size(x)
         ctx.act = act
         taps = _taps(weight)
-        ctx.save_for_backward(x, weight, taps, bias)
-        return _conv(x, taps, bias, act)
+        if act != "none" and getattr(_keep, "on", False):
+            out, pre = _conv(x, taps, bias, act, keep_pre=True)
+        else:
+            out, pre = _conv(x, taps, bias, act), x
+        # Always five saved tensors of the same shapes: a checkpoint recompute must save what the
+        # original forward saved. The original forward's ctx is the one the backward sees, so "was the
+        # pre-activation kept" is read from the tensors: the fifth slot holds x itself when it was not.
+        ctx.save_for_backward(x, weight, taps, bias, pre)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, taps, bias = ctx.saved_tensors
+        x, weight, taps, bias, pre = ctx.saved_tensors
         act = ctx.act
         grad_out = grad_out.contiguous()
+        C = x.shape[-1]
+        db = None
         if act == "none":
             gpre = grad_out
         else:
-            pre = _conv(x, taps, bias, "none")
-            gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
-                    else torch.ops.aten.gelu_backward(grad_out, pre))
-        C = x.shape[-1]
+            if pre.data_ptr() == x.data_ptr():
+                pre = _conv(x, taps, bias, "none")
+            if CONFIG["fused_act_bwd"]:
+                gpre, db = act_backward_and_bias_grad(grad_out, pre, act)
+            else:
+                gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
+                        else torch.ops.aten.gelu_backward(grad_out, pre))
         nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
         dx, dw, _ = torch.ops.aten.convolution_backward(
             nchw(gpre), nchw(x), weight.to(x.dtype), [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         # the bias gradient with the Triton column sum instead of cuDNN/torch's reduction
-        db = column_sum(gpre.reshape(-1, C)).to(bias.dtype) if ctx.needs_input_grad[2] else None
+        if not ctx.needs_input_grad[2]:
+            db = None
+        else:
+            db = (column_sum(gpre.reshape(-1, C)) if db is None else db).to(bias.dtype)
         return (None if dx is None else dx.permute(0, 2, 3, 1),
                 None if dw is None else dw.to(weight.dtype), db, None)
