@@ -128,7 +128,11 @@ class ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         h = self.fc1(x)
         if self.recompute and h.requires_grad and torch.is_grad_enabled():
-            # no RNG in the tail, so no RNG state to stash (that would also break CUDA-graph capture)
+            # no RNG in the tail, so no RNG state to stash (that would also break CUDA-graph capture).
+            # Under torch.compile the conv is torch's own (nothing to keep), and compile accepts only
+            # selective-checkpoint contexts as context_fn.
+            if torch.compiler.is_compiling():
+                return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False)
             return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False,
                               context_fn=_keep_preactivation_in_recompute)
         return self._tail(h, H, W)

@@ -575,6 +575,25 @@ def test_in_proj_keeps_one_low_precision_copy_of_its_input():
     assert len(copies) == 1, len(copies)
 
 
+def test_compiled_training_step_matches_eager():
+    """torch.compile of a training step (backward through the ConvFFN recompute) traces and gives the eager
+    gradients. aot_eager: dynamo + AOT autograd without code generation, enough for CPU CI."""
+    model = randomize_(create_model("groupmamba_demo", num_classes=10), seed=21).train()
+    for m in model.modules():  # batch statistics would update between the two runs
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    grads = []
+    for fn in (model, torch.compile(model, backend="aot_eager")):
+        model.zero_grad()
+        h, dh = fn(x)
+        (h.square().mean() + dh.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert rel_err(grads[1][n], grads[0][n]) <= 1e-5, n
+
+
 def test_exports():
     for name in ("create_model", "groupmamba_tiny", "groupmamba_small", "groupmamba_base", "groupmamba_demo"):
         assert hasattr(groupmamba, name)
