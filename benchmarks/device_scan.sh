@@ -26,9 +26,7 @@ echo "== pytest"
 $PY -m pytest -m gpu -q --timeout=600 -p no:cacheprovider --rootdir "$SRC" "$SRC/tests/test_scan_cuda.py" 2>&1 | tee "$OUT/pytest.log" | tail -40 || status=1
 
 echo "== compute-sanitizer"
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --target-processes all $PY "$SRC/benchmarks/sanitize_scan.py" 2>&1 | tee "$OUT/sanitizer_$tool.log" | tail -5 || status=1
-done
+(cd "$SRC" && OUT="$OUT" RUN_STEPS=sanitize bash benchmarks/device_check.sh) || status=1
 
 echo "== benchmark"
 $PY "$SRC/benchmarks/bench_scan.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" || status=1

@@ -39,7 +39,7 @@ CATEGORIES = (
     ("dwconv (Triton fwd / cuDNN bwd)", ("_dwconv_fwd", "conv_depthwise", "depthwise", "dgrad", "wgrad")),
     ("group LayerNorm + gate (Triton)", ("_gln_",)),
     ("modulation + LayerNorm (Triton)", ("_ln_pool", "_mod_ln")),
-    ("bias column sums (Triton)", ("_colsum",)),
+    ("bias column sums, conv activation backward (Triton)", ("_colsum",)),
     ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "cublas")),
     ("other convolution (stem, downsample)", ("conv", "implicit", "winograd", "cudnn")),
     ("optimizer", ("multi_tensor", "adam", "Adam")),

@@ -52,19 +52,16 @@ def poison_cuda_cache():
 
 
 def eager_and_cuda_graph(fn):
-    """(eager, graphed): fn() run once eagerly on a side stream (which is also the warm-up capture needs),
-    then captured in a CUDA graph and replayed once. fn must return tensors it allocates itself."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        eager = fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed = fn()
+    """(eager, graphed): fn() run once eagerly on a side stream (the warm-up of
+    groupmamba.train.graph_step.capture), then captured in a CUDA graph and replayed once. fn must return
+    tensors it allocates itself."""
+    from groupmamba.train.graph_step import capture
+
+    eager = []
+    graph, graphed = capture(lambda: eager.append(fn()) or eager[-1], lambda: None, warmup=1)
     graph.replay()
     torch.cuda.synchronize()
-    return eager, graphed
+    return eager[0], graphed
 
 
 def run_triton_interpreter(test_file: str) -> None:

@@ -77,16 +77,18 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
     block_h, block_c, num_warps = td.tiles(H, C)
     kernel, ints = td._dwconv_fwd, ("H", "W", "C", "NHB")
-    consts = dict(ACT=td.ACTS[fn], BLOCK_H=block_h, BLOCK_C=block_c)
-    compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT"}, act, num_warps)
-    assert len(compiled.asm["cubin"]) > 0
+    for keep_pre in (False, True):
+        consts = dict(ACT=td.ACTS[fn], STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c)
+        compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
+        assert len(compiled.asm["cubin"]) > 0
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
-def test_colsum_kernel_compiles_for_sm90(act):
+@pytest.mark.parametrize("act_code", [0, 1, 2])   # plain column sum, through SiLU' and GELU'
+def test_colsum_kernel_compiles_for_sm90(act, act_code):
     from groupmamba.ops import triton_colsum as tc
-    consts = dict(BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"])
-    compiled = compile_sm90(tc._colsum_partial, consts, {"M": "i32", "N": "i32", "ROWS": "i32"}, {"G"}, act,
-                            tc.CONFIG["num_warps"])
+    consts = dict(ACT=act_code, BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"])
+    compiled = compile_sm90(tc._colsum_partial, consts, {"M": "i32", "N": "i32", "ROWS": "i32"},
+                            {"G", "PRE", "GPRE"}, act, tc.CONFIG["num_warps"])
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]

@@ -60,14 +60,11 @@ class FlatParams:
             # each gradient in its parameter's memory order (a view when the layouts agree)
             grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).permute(order).reshape(-1)
                      for p, order in zip(params, orders)]
-            if buf.grad is None:
-                buf.grad = torch.cat(grads)
-            else:
-                torch.cat(grads, out=buf.grad)
+            buf.grad = torch.cat(grads)
 
     def zero_grad(self) -> None:
         """The parameters' gradients to None (autograd then hands over fresh ones without an add); the
-        buffers keep their .grad, which gather_grads overwrites."""
+        buffers' gradients are rebuilt by gather_grads (the optimizer's zero_grad clears them)."""
         for _, params, _ in self.groups:
             for p in params:
                 p.grad = None

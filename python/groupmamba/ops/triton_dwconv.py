@@ -12,7 +12,8 @@ registers and spills; with 32-bit in-tile offsets 0.78 ms (88 SASS instructions 
 bound); this sliding-window kernel 0.56 ms (52 per element), and it was faster or equal at every
 GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us). See BENCHMARKS.md, "Depthwise conv kernels".
 Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
-the activation's derivative and sum the result over positions for dbias in one pass (_act_bwd_colsum;
+the activation's derivative and sum the result over positions for dbias in one pass
+(triton_colsum.column_sum_act_grad;
 CONFIG["fused_act_bwd"]=False: torch's silu/gelu_backward, then triton_colsum.column_sum), and hand the
 rest to aten.convolution_backward (cuDNN's NHWC depthwise dgrad and wgrad) for dx and dweight. Of the
 activations only x is saved, not the conv output. Inside ``keep_preactivation()``
@@ -32,15 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_colsum as _tc
-from .triton_colsum import column_sum
+from .triton_colsum import column_sum, column_sum_act_grad
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # block_h: output rows per program (None: 4 for H >= 28, else 2: within 1 us of the better of the two at
 # every GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
 # program (capped at C's next power of two); num_warps
 # fused_act_bwd: the backward's activation derivative and bias-gradient sum in one Triton pass
-# (_act_bwd_colsum) instead of torch's silu/gelu_backward followed by triton_colsum.column_sum
+# (triton_colsum.column_sum_act_grad) instead of torch's silu/gelu_backward followed by column_sum
 CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True}
 
 
@@ -133,54 +133,6 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
         bu, bm, bd = eu, em, ed
 
 
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
-
-
-@triton.jit(do_not_specialize=["M", "ROWS"])
-def _act_bwd_colsum(G, PRE, GPRE, P, M, N, ROWS, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
-    """GPRE = G * act'(PRE) over a block of rows of the (M, N) matrices, and P[pid_m] = the fp32 column
-    sums of the stored (rounded) GPRE over that block: the bias gradient's partials in the same pass.
-    act' as torch's silu_backward / gelu_backward (exact erf GELU) compute it, in fp32."""
-    pid_m = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    r0 = pid_m * ROWS
-    nrows = tl.minimum(ROWS, M - r0)
-    base = r0.to(tl.int64) * N           # 64-bit block base, 32-bit offsets inside the block
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, nrows, BLOCK_M):
-        rows = r + tl.arange(0, BLOCK_M)
-        m = (rows < nrows)[:, None] & cmask[None, :]
-        off = base + rows[:, None] * N + cols[None, :]
-        g = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
-        z = tl.load(PRE + off, mask=m, other=0.0).to(tl.float32)
-        if ACT == 1:
-            s = tl.sigmoid(z)
-            d = s * (1.0 + z * (1.0 - s))
-        else:
-            d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        gp = (g * d).to(GPRE.dtype.element_ty)
-        tl.store(GPRE + off, gp, mask=m)
-        acc += gp.to(tl.float32)         # masked entries are 0
-    tl.store(P + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
-
-
-def act_backward_and_bias_grad(grad_out, pre, act: str):
-    """(act'(pre) * grad_out, its column sums in fp32) for (..., C) tensors, in one pass."""
-    C = pre.shape[-1]
-    g2, p2 = grad_out.reshape(-1, C), pre.reshape(-1, C)
-    M = g2.shape[0]
-    gpre = torch.empty_like(g2)
-    if M == 0:
-        return gpre.view(pre.shape), torch.zeros(C, device=pre.device, dtype=torch.float32)
-    grid, rows = _tc.row_blocks(M, C, "dwconv_act backward")
-    partial = torch.empty(grid[0], C, device=pre.device, dtype=torch.float32)
-    _act_bwd_colsum[grid](g2, p2, gpre, partial, M, C, rows, ACT=ACTS[act], BLOCK_M=_tc.CONFIG["block_m"],
-                          BLOCK_N=_tc.CONFIG["block_n"], num_warps=_tc.CONFIG["num_warps"])
-    return gpre.view(pre.shape), _tc.sum_partials(partial)
-
-
 def _check_size(x):
     B, H, W, C = x.shape
     if (H + 1) * W * C >= 2 ** 31:  # offsets inside one image are 32-bit (the image base is 64-bit)
@@ -250,7 +202,7 @@ class DWConvAct(torch.autograd.Function):
             if pre.data_ptr() == x.data_ptr():
                 pre = _conv(x, taps, bias, "none")
             if CONFIG["fused_act_bwd"]:
-                gpre, db = act_backward_and_bias_grad(grad_out, pre, act)
+                gpre, db = column_sum_act_grad(grad_out, pre, act)
             else:
                 gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
                         else torch.ops.aten.gelu_backward(grad_out, pre))
