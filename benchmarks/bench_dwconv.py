@@ -1,6 +1,6 @@
 """Depthwise 3x3 conv + bias + activation: the fused Triton kernels vs torch (cuDNN), forward and fwd+bwd.
 
-    python benchmarks/bench_dwconv.py [--batch 128] [--dtype bf16] [--sweep]
+    python benchmarks/bench_dwconv.py [--batch 128] [--dtype bf16] [--sweep] [--backward]
 
 Shapes: every dwconv of GroupMamba-T at B=128 (the mixer conv, C = 4*d, SiLU; the FFN conv, C = hidden,
 GELU). Device time: CUDA-graph replays (benchutil.capture_graph), median. Bytes counted: the forward
@@ -15,6 +15,7 @@ The markdown table is printed and, if $OUT is set, written to $OUT/bench_dwconv.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -29,7 +30,12 @@ from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_rep
 SHAPES = [(56, 64, "silu"), (56, 512, "gelu"), (28, 128, "silu"), (28, 1024, "gelu"),
           (14, 348, "silu"), (14, 1392, "gelu"), (7, 448, "silu"), (7, 1792, "gelu")]
 FWD_CONFIGS = [(4, 128, 4), (2, 128, 4), (8, 64, 4), (2, 64, 2), (4, 256, 8)]  # (block_h, block_c, num_warps)
-
+# backward variants: (name, triton_dwconv.CONFIG overrides, forward under keep_preactivation, as ConvFFN's
+# checkpoint recompute runs it); the shipped settings first for each of the two cases
+BACKWARDS = [("fused", {}, False), ("fused, 2-row tiles", {"block_h": 2}, False), ("split", {"wgrad": "split"}, False),
+             ("cuDNN wgrad", {"wgrad": "cudnn"}, False),
+             ("cuDNN wgrad + dgrad", {"wgrad": "cudnn", "triton_dgrad": False}, False),
+             ("kept: split", {}, True), ("kept: cuDNN wgrad", {"wgrad_kept": "cudnn"}, True)]
 
 def cases(B, hw, C, act, dtype, device):
     x = torch.randn(B, hw, hw, C, device=device, dtype=dtype)
@@ -47,11 +53,12 @@ def fwd_fn(fn, x, w, b, act):
     return lambda: fn(x, w, b, act)
 
 
-def fb_fn(fn, x, w, b, g, act):
+def fb_fn(fn, x, w, b, g, act, keep=False):
     xs, ws, bs = (t.detach().requires_grad_() for t in (x, w, b))
 
     def run():
-        out = fn(xs, ws, bs, act)
+        with D.keep_preactivation() if keep else contextlib.nullcontext():
+            out = fn(xs, ws, bs, act)
         torch.autograd.grad(out, (xs, ws, bs), g)
     return run
 
@@ -62,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--backward", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -88,6 +96,23 @@ def main(argv=None) -> int:
             emit(lines, f"| {hw} | {C} | {act} | " + " | ".join(mark(v, fw) for v in fw) + " |")
         td.CONFIG.update(defaults)
         lines += ["", "(forward us; rows x channels per program / num_warps)", ""]
+
+    if args.backward:
+        lines += ["| H=W | C | act | " + " | ".join(n for n, _, _ in BACKWARDS) + " |",
+                  "|---|---|---|" + "---|" * len(BACKWARDS)]
+        for hw, C, act in SHAPES:
+            x, w, b, g = cases(args.batch, hw, C, act, dtype, device)
+            ms = []
+            for _, over, keep in BACKWARDS:
+                td.CONFIG.update(defaults, **over)
+                ms.append(graph_ms(fb_fn(D.dwconv_act, x, w, b, g, act, keep), args.iters))
+            n = sum(not keep for _, _, keep in BACKWARDS)   # best marked among the plain, then the kept
+            mark = lambda v, vs: f"**{v * 1e3:.0f}**" if v == min(vs) else f"{v * 1e3:.0f}"  # noqa: E731
+            emit(lines, f"| {hw} | {C} | {act} | " + " | ".join([mark(v, ms[:n]) for v in ms[:n]] +
+                                                                 [mark(v, ms[n:]) for v in ms[n:]]) + " |")
+        td.CONFIG.update(defaults)
+        lines += ["", "(forward + backward us per backward variant; kept: the forward also stores the "
+                  "pre-activation, as ConvFFN's checkpoint recompute does)", ""]
 
     lines += ["| H=W | C | act | fwd torch us | fwd fused us | speed-up | fwd GB/s (% copy) | fwd+bwd torch us | "
               "fwd+bwd fused us | speed-up | fwd+bwd GB/s (% copy) |", "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_model.py                        # CUDA: groupmamba_tiny, train B=128, infer B=256
     python benchmarks/profile_model.py --device cpu --quick   # smoke test (groupmamba_demo, 32x32)
+    python benchmarks/profile_model.py --cuda-graph           # replays of the whole step in one CUDA graph
 
 Train: forward + backward + fused AdamW under bf16 autocast; inference: bf16 autocast, inference_mode.
 After --warmup steps, each mode is timed without the profiler (--wall-iters steps, synchronized) and then
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from benchutil import device_name  # benchmarks/ is on sys.path when run as a script
+from groupmamba.train.flat_params import FlatParams
+
+from benchutil import capture_graph, device_name  # benchmarks/ is on sys.path when run as a script
 
 MAX_TRACE_BYTES = 16 << 20
 # Kernel name patterns -> the part of the model they belong to (first match wins), so one profile says
@@ -61,28 +64,47 @@ LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuL
                "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
 
 
-def make_step(model, mode: str, batch: int, img: int, amp, device):
+def make_step(model, mode: str, batch: int, img: int, amp, device, graphed: bool = False):
+    """One training (forward, backward, fused AdamW) or inference step; graphed: the whole step captured
+    in one CUDA graph as bench_models.py --cuda-graph runs it (flat AdamW buffers, capturable AdamW), so
+    the profile shows the kernels of the measured configuration (no per-op CPU rows then)."""
     x = torch.randn(batch, 3, img, img, device=device)
     ctx = lambda: torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)  # noqa: E731
     if mode == "train":
         model.train()
         y = torch.randint(0, 1000, (batch,), device=device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05,
-                                **({"fused": True} if device.type == "cuda" else {}))
+        flat = FlatParams([{"params": list(model.parameters())}]) if graphed else None
+        opt = torch.optim.AdamW(flat.param_groups if flat else model.parameters(), lr=1e-4, weight_decay=0.05,
+                                **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
 
-        def step():
+        def zero_grad():
+            opt.zero_grad(set_to_none=True)
+            if flat:
+                flat.zero_grad()
+
+        def body():
             with ctx():
                 out, dist = model(x)
                 loss = 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
             loss.backward()
+            if flat:
+                flat.gather_grads()
             opt.step()
-            opt.zero_grad(set_to_none=True)
+
+        if graphed:
+            return capture_graph(body, zero_grad)
+
+        def step():
+            body()
+            zero_grad()
     else:
         model.eval()
 
         def step():
             with torch.inference_mode(), ctx():
                 model(x)
+        if graphed:
+            return capture_graph(step, lambda: None)
     return step
 
 
@@ -202,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--wall-iters", type=int, default=None)
     ap.add_argument("--steps", type=int, default=2, help="profiled steps (numbers are per step)")
+    ap.add_argument("--cuda-graph", action="store_true", help="profile replays of the whole step captured in "
+                    "one CUDA graph (bench_models.py --cuda-graph's configuration)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 
@@ -237,7 +261,7 @@ def main(argv=None) -> int:
     for mode in [m for m in args.modes.split(",") if m]:
         torch.manual_seed(0)
         model = create_model(model_name, num_classes=1000).to(device)
-        step = make_step(model, mode, batches[mode], img, amp, device)
+        step = make_step(model, mode, batches[mode], img, amp, device, args.cuda_graph and cuda)
         for _ in range(warmup):
             step()
         wall = wall_ms(step, device, wall_iters)

@@ -2,21 +2,29 @@
 
 * CPU (always): the reference vs a float64 hand computation (explicit 3x3 stencil with zero padding),
   forward and gradients of x, weight, bias; argument errors.
-* Triton interpreter (always, when Triton is importable): the forward kernel at several tile sizes
-  and the backward (recompute + aten.convolution_backward) on CPU tensors
-  with TRITON_INTERPRET=1, in a subprocess; under an activation checkpoint that keeps the
-  pre-activation (ConvFFN's recompute), one conv pass fewer and bit-identical results.
+* Triton interpreter (always, when Triton is importable): the forward kernel and the Triton backward
+  (weight-gradient pass + dx pass) at several tile sizes and program counts, and the cuDNN-backward
+  variants (recompute + aten.convolution_backward), on CPU tensors with TRITON_INTERPRET=1, in a
+  subprocess; the number of conv passes with and without an activation checkpoint (ConvFFN's
+  recompute), whose results are bit-identical to the plain call's.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
   1392), fp32 / bf16 / fp16, outputs poisoned first; under bf16 autocast.
+* The kernels' activations (ops/triton_act.py: GELU, SiLU and their derivatives in few instructions)
+  against float64 on a dense grid over [-12, 12] plus +-inf and NaN, in the interpreter (the formulas) and
+  on the GPU (the approximate PTX instructions).
 
 Tolerances (relative Frobenius error vs float64): float32 1e-5 (weight / bias gradients 1e-4: sums over
-B*H*W); bf16 / fp16 1e-2.
+B*H*W); bf16 / fp16 1e-2. Activations, per element: |error| <= 2e-6 max(1, |x|) (torch's own fp32 GELU is
+off by up to 6e-7 on this grid), and GELU within 1e-4 relative on [-9, -1], where torch's fp32 formula
+1 + erf(x / sqrt 2) cancels (its error there reaches 100%).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+
+import math
 
 import pytest
 import torch
@@ -82,6 +90,29 @@ def test_argument_errors():
         D.dwconv_act(x.long(), w, b, "silu")
 
 
+class _FakeCtx:
+    """What DWConvAct.backward reads from its autograd context (x saved in the pre-activation slot)."""
+
+    def __init__(self, inp):
+        x, w, b = inp["x"], inp["weight"], inp["bias"]
+        self.saved_tensors = (x, w, D._td._taps(w), b, x)
+        self.act = "silu"
+        self.needs_input_grad = (True, True, True, False)
+
+
+def test_unknown_weight_gradient_method():
+    if D._td is None:
+        pytest.skip(f"Triton not importable ({D._TRITON_ERROR})")
+    inp = make(1, 4, 4, 8)
+    saved = dict(D._td.CONFIG)
+    D._td.CONFIG["wgrad"] = "fast"
+    try:
+        with pytest.raises(ValueError, match="unknown weight-gradient method 'fast'"):
+            D._td.DWConvAct.backward(_FakeCtx(inp), torch.ones(1, 4, 4, 8))
+    finally:
+        D._td.CONFIG.update(saved)
+
+
 # (shape, act, (rows, channels) per program): small tiles give several programs per image and ragged
 # last tiles (rows past H, channels past C); a loop step of three columns past W (W % 3 != 0).
 INTERPRET_CASES = [((2, 5, 7, 16), "silu", (4, 128)), ((1, 6, 6, 20), "gelu", (2, 16)),
@@ -97,19 +128,70 @@ def _interpret_checks():
         td.CONFIG.update(defaults, block_h=bh, block_c=bc)
         inp = make(*shape)
         compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {shape} {act}")
+    for programs in (1, 7, 10):   # the weight-gradient pass: one program, ragged and even row-block splits
+        td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_programs=programs)
+        inp = make(3, 7, 5, 40)
+        compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter {programs} programs")
     td.CONFIG.update(defaults)
     inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
     res = run(D.dwconv_act_fused, inp, "gelu")
     compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")
     assert res["out"].dtype == res["dx"].dtype == torch.bfloat16 and res["dweight"].dtype == torch.float32
-    _check_kept_preactivation(td)
+    _check_conv_passes(td)
     _check_act_backward_and_bias_grad()
-    td.CONFIG.update(defaults, fused_act_bwd=False)      # the unfused backward (torch's derivative + column_sum)
+    check_activations("cpu")
+    for method in ("split", "cudnn"):   # the other weight-gradient methods, with dx from aten (cuDNN) too
+        td.CONFIG.update(defaults, wgrad=method, triton_dgrad=False)
+        for act in ("silu", "none"):
+            inp = make(2, 5, 7, 16)
+            compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {method} {act}")
+    td.CONFIG.update(defaults, wgrad="cudnn", fused_act_bwd=False)  # torch's derivative + column_sum
     for act in ("silu", "gelu"):
         inp = make(2, 5, 7, 16)
         compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter unfused bwd {act}")
     td.CONFIG.update(defaults)
     print("interpreter checks passed")
+
+
+if D._td is not None:
+    import triton
+    import triton.language as tl
+    from groupmamba.ops import triton_act as ta
+
+    @triton.jit
+    def _apply_activations(X, OUT, N, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        x = tl.load(X + offs, mask=m, other=0.0)
+        tl.store(OUT + 0 * N + offs, ta.gelu(x), mask=m)
+        tl.store(OUT + 1 * N + offs, ta.gelu_grad(x), mask=m)
+        tl.store(OUT + 2 * N + offs, ta.silu(x), mask=m)
+        tl.store(OUT + 3 * N + offs, ta.silu_grad(x), mask=m)
+
+
+def check_activations(device):
+    """triton_act's four functions against float64 (see the module docstring for the tolerances)."""
+    x = torch.cat([torch.linspace(-12, 12, 48001, dtype=torch.float64),
+                   torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=torch.float64)])
+    x32 = x.float().to(device)
+    out = torch.full((4, x.numel()), 12345.0, device=device)          # poisoned
+    _apply_activations[(triton.cdiv(x.numel(), 1024),)](x32, out, x.numel(), BLOCK=1024)
+    out = out.double().cpu()
+    x = x32.double().cpu()
+    cdf = 0.5 * torch.special.erfc(-x / math.sqrt(2))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+    sig = torch.sigmoid(x)
+    refs = {"gelu": x * cdf, "gelu_grad": cdf + x * pdf, "silu": x * sig, "silu_grad": sig * (1 + x * (1 - sig))}
+    fin = x.isfinite()
+    for got, (name, ref) in zip(out, refs.items()):
+        err = ((got - ref).abs() / x.abs().clamp(min=1))[fin]
+        assert err.max() <= 2e-6, (name, err.max().item(), x[fin][err.argmax()].item())
+        assert torch.isnan(got[x.isnan()]).all(), name
+    tail = (x >= -9) & (x <= -1)
+    rel = ((out[0] - refs["gelu"]).abs() / refs["gelu"].abs())[tail]
+    assert rel.max() <= 1e-4, rel.max().item()
+    inf = x == math.inf
+    assert out[0][inf].item() == math.inf and out[2][inf].item() == math.inf    # GELU(inf), SiLU(inf)
 
 
 def _check_act_backward_and_bias_grad():
@@ -133,31 +215,44 @@ def _check_act_backward_and_bias_grad():
         tc.CONFIG.update(saved)
 
 
-def _check_kept_preactivation(td, device="cpu", dtype=torch.float32):
-    """Under an activation checkpoint whose recompute keeps the pre-activation (as ConvFFN runs it), the
-    conv runs twice (forward, recompute) instead of three times (+ the backward's recompute), and the
-    results equal the plain call's bit for bit (the kept pre-activation is the same rounding of the same
-    sums as the recomputed one)."""
+def _check_conv_passes(td, device="cpu", dtype=torch.float32):
+    """How many conv passes a GELU conv's forward + backward makes with each weight-gradient method, with
+    and without an activation checkpoint whose recompute keeps the pre-activation (as ConvFFN runs it),
+    and that both give the float64 results.
+    Without the checkpoint (CONFIG["wgrad"]): the forward, a recompute of the pre-activation (not with
+    "fused", whose weight-gradient pass recomputes it itself), the dx pass. With it (CONFIG["wgrad_kept"]:
+    "split" or "cudnn"): the forward, the recompute that keeps the pre-activation, the dx pass. With the
+    same method both ways the results are bit-identical.
+    """
     from torch.utils.checkpoint import checkpoint
 
-    calls = []
+    defaults = dict(td.CONFIG)
+    calls = []   # (keep_pre, an input-gradient pass: zero bias over the output gradient) per conv pass
     conv = td._conv
-    td._conv = lambda *a, **k: calls.append(k.get("keep_pre", False)) or conv(*a, **k)
+    td._conv = lambda *a, **k: calls.append((k.get("keep_pre", False), bool((a[2] == 0).all()))) or conv(*a, **k)
+    ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
+    fwd, recompute, kept, dx_pass = (False, False), (False, False), (True, False), (False, True)
+    inp = make(2, 6, 5, 24, dtype=dtype, device=device)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
     try:
-        inp = make(2, 6, 5, 24, dtype=dtype, device=device)
-        plain = run(D.dwconv_act_fused, inp, "gelu")
-        assert calls == [False, False], calls   # forward + the backward's recompute
-        calls.clear()
-        ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
-        ckpt = run(lambda *a: checkpoint(D.dwconv_act_fused, *a, use_reentrant=False, context_fn=ctx), inp, "gelu")
-        assert calls == [False, True], calls    # forward, recompute keeping the pre-activation; no third
+        for method, method_kept in (("fused", "split"), ("split", "split"), ("cudnn", "cudnn")):
+            td.CONFIG.update(defaults, wgrad=method, wgrad_kept=method_kept)
+            calls.clear()
+            plain = run(D.dwconv_act_fused, inp, "gelu")
+            assert calls == ([fwd, dx_pass] if method == "fused" else [fwd, recompute, dx_pass]), (method, calls)
+            calls.clear()
+            ckpt = run(lambda *a: checkpoint(D.dwconv_act_fused, *a, use_reentrant=False, context_fn=ctx),
+                       inp, "gelu")
+            assert calls == [fwd, kept, dx_pass], (method, calls)
+            if method == method_kept:
+                for k in plain:
+                    assert torch.equal(plain[k], ckpt[k]), (method, k)
+            for res, what in ((plain, "plain"), (ckpt, "checkpoint")):
+                compare(res, hand64(inp, "gelu"), tol, 1e-4 if dtype == torch.float32 else 1e-2,
+                        f"{what}, wgrad={method}, {device} {dtype}")
     finally:
         td._conv = conv
-    for k in plain:
-        assert torch.equal(plain[k], ckpt[k]), k
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    compare(ckpt, hand64(inp, "gelu"), tol, 1e-4 if dtype == torch.float32 else 1e-2,
-            f"checkpoint + kept pre-activation {device} {dtype}")
+        td.CONFIG.update(defaults)
 
 
 def test_triton_interpreter_cpu():
@@ -185,8 +280,13 @@ def test_gpu_fused_vs_float64(shape, act, dt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_checkpoint_keeps_preactivation(dt):
-    _check_kept_preactivation(D._td, "cuda", dt)
+def test_gpu_conv_passes_and_checkpoint(dt):
+    _check_conv_passes(D._td, "cuda", dt)
+
+
+@pytest.mark.gpu
+def test_gpu_activations_vs_float64():
+    check_activations("cuda")
 
 
 @pytest.mark.gpu

@@ -81,6 +81,11 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
         consts = dict(ACT=td.ACTS[fn], STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
+    for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
+        consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c)
+        compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
+                                {"X", "GO", "G"}, act, num_warps)
+        assert ".target sm_90" in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])

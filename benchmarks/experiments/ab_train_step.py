@@ -1,4 +1,5 @@
-"""A/B of the sixth set of runs' training-step changes in one process each (run from the repository root):
+"""A/B of the sixth and seventh sets of runs' training-step changes in one process each (run from the
+repository root):
 
     for v in "1 1 1 0" "1 1 0 1" "0 0 0 0" "1 1 1 1"; do set -- $v
       AB_KEEP=$1 AB_COLSUM=$2 AB_ACTBWD=$3 AB_FLAT=$4 python benchmarks/experiments/ab_train_step.py \
@@ -10,6 +11,12 @@ AB_KEEP   the ConvFFN recompute keeps the conv's pre-activation (models/layers.p
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
+AB_FASTACT the Triton kernels' GELU / SiLU from ops/triton_act.py (0: the libdevice erf and tl.sigmoid
+          forms they replaced, patched into the kernels' modules before anything compiles)
+AB_DGRAD  the conv's input gradient with the Triton stencil (ops/triton_dwconv.py CONFIG; 0: cuDNN dgrad)
+AB_STEM_NHWC the stem in channels_last on CUDA (models/layers.py Stem.channels_last; 0: the input's NCHW)
+AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre-activation was
+          recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
 The in_proj's shared input cast (models/mixer.py) has no switch. Results: BENCHMARKS.md, sixth set.
 """
 import contextlib
@@ -26,7 +33,43 @@ if os.environ.get("AB_KEEP", "1") == "0":
     layers._keep_preactivation_in_recompute = lambda: (contextlib.nullcontext(), contextlib.nullcontext())
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
+triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"
+layers.Stem.channels_last = os.environ.get("AB_STEM_NHWC", "1") == "1"
+triton_dwconv.CONFIG["wgrad"] = os.environ.get("AB_WGRAD", triton_dwconv.CONFIG["wgrad"])
+triton_dwconv.CONFIG["wgrad_kept"] = os.environ.get("AB_WGRAD_KEPT", triton_dwconv.CONFIG["wgrad_kept"])
 extra = [] if os.environ.get("AB_FLAT", "1") == "1" else ["--no-flat-params"]
+
+if os.environ.get("AB_FASTACT", "1") == "0":
+    import triton  # noqa: E402
+    import triton.language as tl  # noqa: E402
+
+    import groupmamba.ops.triton_colsum as triton_colsum  # noqa: E402
+    import groupmamba.ops.triton_norm as triton_norm  # noqa: E402
+
+    @triton.jit
+    def libdevice_gelu(x):
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+    @triton.jit
+    def libdevice_gelu_grad(x):
+        return 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+
+    @triton.jit
+    def tl_sigmoid(x):
+        return tl.sigmoid(x)
+
+    @triton.jit
+    def tl_silu(x):
+        return x * tl.sigmoid(x)
+
+    @triton.jit
+    def tl_silu_grad(x):
+        s = tl.sigmoid(x)
+        return s * (1.0 + x * (1.0 - s))
+
+    triton_dwconv.gelu, triton_dwconv.silu = libdevice_gelu, tl_silu
+    triton_colsum.gelu_grad, triton_colsum.silu_grad = libdevice_gelu_grad, tl_silu_grad
+    triton_norm.sigmoid, triton_norm.silu = tl_sigmoid, tl_silu
 
 import bench_models  # noqa: E402  (benchmarks/ is on sys.path above)
 

@@ -13,19 +13,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_act import gelu_grad, silu_grad
+
 # BLOCK_M x BLOCK_N tile per loop step; PROGRAMS: about how many programs to launch (a few per SM)
 CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 4, "programs": 1024}
 
-_INV_SQRT2 = tl.constexpr(0.7071067811865476)
-_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 ACT_GRADS = {"silu": 1, "gelu": 2}   # ACT codes of _colsum_partial (0: plain column sum)
 
 
 @triton.jit(do_not_specialize=["M", "ROWS"])
 def _colsum_partial(G, P, M, N, ROWS, PRE, GPRE, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr):
-    """P[pid_m, cols] = sum of G[rows of this program's block, cols] in fp32. ACT 1 (SiLU) / 2 (exact erf
-    GELU): the rows are first G * act'(PRE), computed in fp32 as torch's silu/gelu_backward do and stored
+    """P[pid_m, cols] = sum of G[rows of this program's block, cols] in fp32. ACT 1 (SiLU) / 2 (exact
+    erf-form GELU): the rows are first G * act'(PRE), computed in fp32 (triton_act) and stored
     to GPRE in its dtype; the sums add the stored (rounded) values. PRE and GPRE are unused at ACT 0."""
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -46,11 +46,7 @@ def _colsum_partial(G, P, M, N, ROWS, PRE, GPRE, ACT: tl.constexpr, BLOCK_M: tl.
             off = base + rows[:, None] * N + cols[None, :]
             v = tl.load(G + off, mask=m, other=0.0).to(tl.float32)
             z = tl.load(PRE + off, mask=m, other=0.0).to(tl.float32)
-            if ACT == 1:
-                s = tl.sigmoid(z)
-                d = s * (1.0 + z * (1.0 - s))
-            else:
-                d = 0.5 * (1.0 + tl.erf(z * _INV_SQRT2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+            d = silu_grad(z) if ACT == 1 else gelu_grad(z)
             gp = (v * d).to(GPRE.dtype.element_ty)
             tl.store(GPRE + off, gp, mask=m)
             v = gp.to(tl.float32)            # masked entries are 0

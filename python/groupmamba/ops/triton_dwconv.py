@@ -5,17 +5,21 @@ x (B, H, W, C) contiguous (the model's (B, L, C) tokens), weight as (9, C) fp32 
 Forward (_dwconv_fwd): a program owns BLOCK_H output rows x BLOCK_C channels of one image and walks
 along W with the 3x3 input window in registers, so each output column costs 3 loads instead of 9 and
 the row masks are computed once per program. Loads and stores run along C, 16-byte vectors when
-C % 8 == 0 (bf16). Accumulate in fp32, add bias, SiLU or exact (erf) GELU, store in x's dtype.
+C % 8 == 0 (bf16). Accumulate in fp32, add bias, SiLU or exact (erf-form) GELU (triton_act: the
+activation, not the conv, was most of this kernel's instructions), store in x's dtype.
 History, H200, GroupMamba-T stage-1 FFN conv (C=512 at 56x56, B=128, bf16): the first kernel (one tile
 of flattened positions, nine shifted tile loads, 64-bit per-element addresses) took 2.6 ms with 255
 registers and spills; with 32-bit in-tile offsets 0.78 ms (88 SASS instructions per element, issue-
-bound); this sliding-window kernel 0.56 ms (52 per element), and it was faster or equal at every
-GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us). See BENCHMARKS.md, "Depthwise conv kernels".
+bound); this sliding-window kernel 0.56 ms (52 per element with libdevice's erf, 18 without an
+activation), and it was faster or equal at every GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us).
+See BENCHMARKS.md, "Depthwise conv kernels".
 Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
 the activation's derivative and sum the result over positions for dbias in one pass
 (triton_colsum.column_sum_act_grad;
-CONFIG["fused_act_bwd"]=False: torch's silu/gelu_backward, then triton_colsum.column_sum), and hand the
-rest to aten.convolution_backward (cuDNN's NHWC depthwise dgrad and wgrad) for dx and dweight. Of the
+CONFIG["fused_act_bwd"]=False: torch's silu/gelu_backward, then triton_colsum.column_sum); dx is the
+same kernel again over that gradient with the taps rotated by 180 degrees (a depthwise conv's input
+gradient is its transposed stencil; CONFIG["triton_dgrad"]=False: cuDNN's dgrad), and dweight comes from
+aten.convolution_backward (cuDNN's NHWC depthwise wgrad). Of the
 activations only x is saved, not the conv output. Inside ``keep_preactivation()``
 (ConvFFN's checkpoint recompute, which runs right before this backward) the forward also stores the
 pre-activation and saves it, so the backward skips its recompute: the FFN's conv runs twice per step
@@ -33,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
@@ -41,7 +46,16 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # program (capped at C's next power of two); num_warps
 # fused_act_bwd: the backward's activation derivative and bias-gradient sum in one Triton pass
 # (triton_colsum.column_sum_act_grad) instead of torch's silu/gelu_backward followed by column_sum
-CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True}
+# triton_dgrad: the input gradient with _dwconv_fwd (taps rotated) instead of cuDNN's dgrad
+# wgrad / wgrad_kept: how the backward gets the weight gradient when the pre-activation was not kept /
+# was kept (keep_preactivation). "fused" (not kept only) = one _dwconv_wgrad pass: the activation
+# derivative from a pre-activation recomputed from the window, the weight and bias gradients; "split" = the
+# activation backward (column_sum_act_grad, after a recompute pass when not kept), then _dwconv_wgrad over
+# its result (ACT 0); "cudnn" = the same activation backward, then cuDNN's wgrad. Measured on an H200
+# (BENCHMARKS.md, seventh set): fused / split fastest; a fused pass that loaded a kept pre-activation was
+# slower than split (1.1-1.2x at the FFN shapes) and was removed. wgrad_programs: about how many programs.
+CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True, "triton_dgrad": True,
+          "wgrad": "fused", "wgrad_kept": "split", "wgrad_programs": 2048}
 
 
 def tiles(H: int, C: int):
@@ -49,9 +63,6 @@ def tiles(H: int, C: int):
     block_h = CONFIG["block_h"] or (4 if H >= 28 else 2)
     block_c = min(CONFIG["block_c"], max(16, triton.next_power_of_2(C)))
     return block_h, block_c, CONFIG["num_warps"]
-
-
-_INV_SQRT2 = tl.constexpr(0.7071067811865476)
 
 
 @triton.jit
@@ -69,10 +80,27 @@ def _out_col(obase, pbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7
     if STORE_PRE:
         tl.store(pbase + off + w * C, acc.to(pbase.dtype.element_ty), mask=m & (w < W))
     if ACT == 1:
-        acc = acc * tl.sigmoid(acc)
+        acc = silu(acc)
     elif ACT == 2:
-        acc = 0.5 * acc * (1.0 + tl.erf(acc * _INV_SQRT2))
+        acc = gelu(acc)
     tl.store(obase + off + w * C, acc.to(obase.dtype.element_ty), mask=m & (w < W))
+
+
+@triton.jit
+def _rows(hh, H, W, C, cs, cmask):
+    """Input rows hh-1, hh, hh+1 of a tile: offsets of their column 0 inside the image, and masks."""
+    off_u = ((hh - 1) * W * C)[:, None] + cs[None, :]
+    off_m = (hh * W * C)[:, None] + cs[None, :]
+    off_d = ((hh + 1) * W * C)[:, None] + cs[None, :]
+    m_u = ((hh >= 1) & (hh - 1 < H))[:, None] & cmask
+    m_m = (hh < H)[:, None] & cmask
+    m_d = (hh + 1 < H)[:, None] & cmask
+    return off_u, off_m, off_d, m_u, m_m, m_d
+
+
+@triton.jit
+def _tap(WT, k, C, cs, cok):
+    return tl.load(WT + k * C + cs, mask=cok, other=0.0)[None, :]
 
 
 @triton.jit(do_not_specialize=["H", "W", "NHB"])
@@ -86,22 +114,10 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
     cmask = cok[None, :]
     image = b.to(tl.int64) * H * W * C      # 64-bit offset of image b (x and out alike)
     img = X + image
-    # input rows hh-1, hh, hh+1: offsets of column 0 inside the image, and their masks
-    off_u = ((hh - 1) * W * C)[:, None] + cs[None, :]
-    off_m = (hh * W * C)[:, None] + cs[None, :]
-    off_d = ((hh + 1) * W * C)[:, None] + cs[None, :]
-    m_u = ((hh >= 1) & (hh - 1 < H))[:, None] & cmask
-    m_m = (hh < H)[:, None] & cmask
-    m_d = (hh + 1 < H)[:, None] & cmask
-    t0 = tl.load(WT + 0 * C + cs, mask=cok, other=0.0)[None, :]
-    t1 = tl.load(WT + 1 * C + cs, mask=cok, other=0.0)[None, :]
-    t2 = tl.load(WT + 2 * C + cs, mask=cok, other=0.0)[None, :]
-    t3 = tl.load(WT + 3 * C + cs, mask=cok, other=0.0)[None, :]
-    t4 = tl.load(WT + 4 * C + cs, mask=cok, other=0.0)[None, :]
-    t5 = tl.load(WT + 5 * C + cs, mask=cok, other=0.0)[None, :]
-    t6 = tl.load(WT + 6 * C + cs, mask=cok, other=0.0)[None, :]
-    t7 = tl.load(WT + 7 * C + cs, mask=cok, other=0.0)[None, :]
-    t8 = tl.load(WT + 8 * C + cs, mask=cok, other=0.0)[None, :]
+    off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
+    t0, t1, t2 = _tap(WT, 0, C, cs, cok), _tap(WT, 1, C, cs, cok), _tap(WT, 2, C, cs, cok)
+    t3, t4, t5 = _tap(WT, 3, C, cs, cok), _tap(WT, 4, C, cs, cok), _tap(WT, 5, C, cs, cok)
+    t6, t7, t8 = _tap(WT, 6, C, cs, cok), _tap(WT, 7, C, cs, cok), _tap(WT, 8, C, cs, cok)
     bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
     # window: columns w-1 (a*) and w (b*) of the three input rows; column -1 is padding. The loop
     # is unrolled by three so the window's roles rotate statically instead of by register moves.
@@ -133,6 +149,90 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
         bu, bm, bd = eu, em, ed
 
 
+@triton.jit
+def _grad_col(gobase, gbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+              lu, mu, ru, lm, mm, rm, ld, md, rd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT: tl.constexpr):
+    """Output column w of the backward: g = grad_out * act'(pre), with the pre-activation from the window
+    (the same sums, in the same order, as _out_col's), stored at gbase; the ten accumulators of the taps'
+    and the bias's gradients updated with the unrounded g. ACT 0: g is grad_out, nothing stored."""
+    mw = m & (w < W)
+    g = tl.load(gobase + off + w * C, mask=mw, other=0.0).to(tl.float32)
+    if ACT != 0:
+        pre = bias + lu * t0 + mu * t1 + ru * t2 + lm * t3 + mm * t4 + rm * t5 + ld * t6 + md * t7 + rd * t8
+        if ACT == 1:
+            g = g * silu_grad(pre)
+        else:
+            g = g * gelu_grad(pre)
+        tl.store(gbase + off + w * C, g.to(gbase.dtype.element_ty), mask=mw)
+    return (a0 + g * lu, a1 + g * mu, a2 + g * ru, a3 + g * lm, a4 + g * mm, a5 + g * rm, a6 + g * ld,
+            a7 + g * md, a8 + g * rd, a9 + g)
+
+
+@triton.jit(do_not_specialize=["H", "W", "NHB", "NRB", "PER_PROGRAM"])
+def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, C, NHB, NRB, PER_PROGRAM, ACT: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward's activation derivative, weight and bias gradients in one pass over x and grad_out.
+    Program (p, c) walks row blocks p*PER_PROGRAM .. (p+1)*PER_PROGRAM - 1 of the B*NHB blocks of BLOCK_H
+    rows (channels c*BLOCK_C ...) with _dwconv_fwd's sliding window over x; it stores G = grad_out *
+    act'(pre) (ACT 0: nothing, G is grad_out) and its fp32 partial sums DWP[p, k, c] of G * x shifted by
+    tap k (k < 9) and of G (k = 9), summed over programs afterwards in a fixed order (deterministic)."""
+    pid = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cok = cs < C
+    cmask = cok[None, :]
+    t0, t1, t2 = _tap(WT, 0, C, cs, cok), _tap(WT, 1, C, cs, cok), _tap(WT, 2, C, cs, cok)
+    t3, t4, t5 = _tap(WT, 3, C, cs, cok), _tap(WT, 4, C, cs, cok), _tap(WT, 5, C, cs, cok)
+    t6, t7, t8 = _tap(WT, 6, C, cs, cok), _tap(WT, 7, C, cs, cok), _tap(WT, 8, C, cs, cok)
+    bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
+    a0 = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    a1, a2, a3, a4, a5, a6, a7, a8, a9 = a0, a0, a0, a0, a0, a0, a0, a0, a0
+    for j in range(pid * PER_PROGRAM, tl.minimum(NRB, (pid + 1) * PER_PROGRAM)):
+        b = j // NHB
+        hh = (j % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
+        image = b.to(tl.int64) * H * W * C
+        img = X + image
+        gobase = GO + image
+        gbase = G + image
+        off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
+        au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+        am, ad = au, au
+        bu = _row_col(img, off_u, m_u, 0, W, C)
+        bm = _row_col(img, off_m, m_m, 0, W, C)
+        bd = _row_col(img, off_d, m_d, 0, W, C)
+        for w in range(0, W, 3):
+            cu = _row_col(img, off_u, m_u, w + 1, W, C)
+            cm = _row_col(img, off_m, m_m, w + 1, W, C)
+            cd = _row_col(img, off_d, m_d, w + 1, W, C)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
+                gobase, gbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                au, bu, cu, am, bm, cm, ad, bd, cd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
+            du = _row_col(img, off_u, m_u, w + 2, W, C)
+            dm = _row_col(img, off_m, m_m, w + 2, W, C)
+            dd = _row_col(img, off_d, m_d, w + 2, W, C)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
+                gobase, gbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                bu, cu, du, bm, cm, dm, bd, cd, dd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
+            eu = _row_col(img, off_u, m_u, w + 3, W, C)
+            em = _row_col(img, off_m, m_m, w + 3, W, C)
+            ed = _row_col(img, off_d, m_d, w + 3, W, C)
+            a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
+                gobase, gbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                cu, du, eu, cm, dm, em, cd, dd, ed, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
+            au, am, ad = du, dm, dd
+            bu, bm, bd = eu, em, ed
+    pbase = DWP + pid.to(tl.int64) * 10 * C + cs
+    tl.store(pbase + 0 * C, tl.sum(a0, axis=0), mask=cok)
+    tl.store(pbase + 1 * C, tl.sum(a1, axis=0), mask=cok)
+    tl.store(pbase + 2 * C, tl.sum(a2, axis=0), mask=cok)
+    tl.store(pbase + 3 * C, tl.sum(a3, axis=0), mask=cok)
+    tl.store(pbase + 4 * C, tl.sum(a4, axis=0), mask=cok)
+    tl.store(pbase + 5 * C, tl.sum(a5, axis=0), mask=cok)
+    tl.store(pbase + 6 * C, tl.sum(a6, axis=0), mask=cok)
+    tl.store(pbase + 7 * C, tl.sum(a7, axis=0), mask=cok)
+    tl.store(pbase + 8 * C, tl.sum(a8, axis=0), mask=cok)
+    tl.store(pbase + 9 * C, tl.sum(a9, axis=0), mask=cok)
+
+
 def _check_size(x):
     B, H, W, C = x.shape
     if (H + 1) * W * C >= 2 ** 31:  # offsets inside one image are 32-bit (the image base is 64-bit)
@@ -153,6 +253,23 @@ def _conv(x, taps, bias, act: str, keep_pre: bool = False):
     return (out, pre) if keep_pre else out
 
 
+def _conv_grads(x, grad_out, taps, bias, act: str):
+    """(g = grad_out * act'(pre) in grad_out's dtype (grad_out itself for act "none"), the taps' gradient
+    (9, C) and the bias gradient (C,), both fp32) from one _dwconv_wgrad pass over x and grad_out."""
+    B, H, W, C = x.shape
+    bh, bc, nw = tiles(H, C)
+    nhb = triton.cdiv(H, bh)
+    n_blocks, n_cblocks = B * nhb, triton.cdiv(C, bc)
+    per_program = triton.cdiv(n_blocks, max(1, CONFIG["wgrad_programs"] // n_cblocks))
+    programs = triton.cdiv(n_blocks, per_program)
+    g = grad_out if act == "none" else torch.empty_like(grad_out)
+    partial = torch.empty(programs, 10, C, device=x.device, dtype=torch.float32)
+    _dwconv_wgrad[(programs, n_cblocks)](x, grad_out, taps, bias, g, partial, H, W, C, nhb, n_blocks,
+                                         per_program, ACT=ACTS[act], BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
+    sums = partial.sum(0)
+    return g, sums[:9], sums[9]
+
+
 _keep = threading.local()
 
 
@@ -167,6 +284,17 @@ def keep_preactivation():
         yield
     finally:
         _keep.on = prev
+
+
+_ZEROS = {}
+
+
+def _zeros(C, device):
+    """A cached fp32 zero bias of length C (the dgrad pass has no bias; no allocation per call)."""
+    key = (C, device)
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(C, device=device, dtype=torch.float32)
+    return _ZEROS[key]
 
 
 def _taps(weight):
@@ -195,25 +323,46 @@ class DWConvAct(torch.autograd.Function):
         act = ctx.act
         grad_out = grad_out.contiguous()
         C = x.shape[-1]
-        db = None
-        if act == "none":
-            gpre = grad_out
+        kept = act != "none" and pre.data_ptr() != x.data_ptr()
+        method = CONFIG["wgrad_kept" if kept else "wgrad"]
+        if method not in (("split", "cudnn") if kept else ("fused", "split", "cudnn")):
+            raise ValueError(f"dwconv_act: unknown weight-gradient method {method!r} (triton_dwconv.CONFIG)")
+        dw = db = None
+        if method == "fused":
+            gpre, dtaps, db = _conv_grads(x, grad_out, taps, bias, act)
         else:
-            if pre.data_ptr() == x.data_ptr():
-                pre = _conv(x, taps, bias, "none")
-            if CONFIG["fused_act_bwd"]:
-                gpre, db = column_sum_act_grad(grad_out, pre, act)
+            if act == "none":
+                gpre = grad_out
             else:
-                gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
-                        else torch.ops.aten.gelu_backward(grad_out, pre))
-        nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
-        dx, dw, _ = torch.ops.aten.convolution_backward(
-            nchw(gpre), nchw(x), weight.to(x.dtype), [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+                if not kept:
+                    pre = _conv(x, taps, bias, "none")
+                if CONFIG["fused_act_bwd"]:
+                    gpre, db = column_sum_act_grad(grad_out, pre, act)
+                else:
+                    gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
+                            else torch.ops.aten.gelu_backward(grad_out, pre))
+            if method == "split":
+                _, dtaps, _ = _conv_grads(x, gpre, taps, bias, "none")
+        if method != "cudnn":
+            dw = dtaps.t().reshape(weight.shape) if ctx.needs_input_grad[1] else None
+        dx = None
+        want_dx = ctx.needs_input_grad[0]
+        if want_dx and CONFIG["triton_dgrad"]:
+            # dx is the same stencil over gpre with the taps rotated by 180 degrees, no bias
+            dx = _conv(gpre, taps.flip(0), _zeros(C, x.device), "none")
+            want_dx = False
+        if want_dx or (method == "cudnn" and ctx.needs_input_grad[1]):
+            nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
+            dx_cudnn, dw_cudnn, _ = torch.ops.aten.convolution_backward(
+                nchw(gpre), nchw(x), weight.to(x.dtype), [C], [1, 1], [1, 1], [1, 1], False, [0, 0], C,
+                [want_dx, method == "cudnn" and ctx.needs_input_grad[1], False])
+            if want_dx:
+                dx = dx_cudnn.permute(0, 2, 3, 1)
+            if method == "cudnn":
+                dw = dw_cudnn
         # the bias gradient with the Triton column sum instead of cuDNN/torch's reduction
         if not ctx.needs_input_grad[2]:
             db = None
         else:
             db = (column_sum(gpre.reshape(-1, C)) if db is None else db).to(bias.dtype)
-        return (None if dx is None else dx.permute(0, 2, 3, 1),
-                None if dw is None else dw.to(weight.dtype), db, None)
+        return dx, None if dw is None else dw.to(weight.dtype), db, None

@@ -23,6 +23,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._util import identity as _identity, use_library_ops
+from .triton_act import sigmoid, silu
 
 NAMESPACE = "groupmamba_triton"
 CONFIG = {"elems": None, "eager_library_ops": False}
@@ -64,7 +65,7 @@ def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.cons
     out = xc * rstd[:, :, None] * w[None, :, :] + b[None, :, :]
     if HAS_GATE:
         z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        out = out * (z * tl.sigmoid(z))
+        out = out * silu(z)
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
     if SAVE_STATS:
         tl.store(MEAN + sidx, mean, mask=smask)
@@ -85,7 +86,7 @@ def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, DWP, DBP, M, G: tl.constexpr
     if HAS_GATE:
         b = tl.load(Bias + widx, mask=wmask, other=0.0).to(tl.float32)
         z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(z)
+        sig = sigmoid(z)
         ln = xhat * w[None, :, :] + b[None, :, :]
         dz = g * ln * sig * (1.0 + z * (1.0 - sig))
         tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
