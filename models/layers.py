@@ -66,13 +66,11 @@ class Stem(nn.Module):
         self.proj = nn.Conv2d(hidden_dim, out_dim, 3, stride=2, padding=1)
         self.norm = LayerNorm(out_dim)  # default eps (1e-5), as in the official code
 
-    # On CUDA the stem runs channels_last (NHWC): cuDNN's NHWC convolutions, and map_to_tokens is a view.
-    # False keeps the input's layout (NCHW: cuDNN's NCHW BatchNorm instead of torch's NHWC statistics
-    # kernel, which took 0.35 ms per call on (128, 32, 112, 112) bf16 on an H200, BENCHMARKS.md).
-    channels_last = True
-
     def forward(self, x: torch.Tensor):
-        if x.is_cuda and self.channels_last:
+        # channels_last on CUDA: cuDNN's NHWC convolutions, and map_to_tokens is a view. Measured against
+        # keeping the input's NCHW (H200, GroupMamba-T CUDA-graph training step, BENCHMARKS.md seventh
+        # set): 1707.8 vs 1467.7 img/s, although torch's NHWC BatchNorm statistics kernel is slow here.
+        if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.proj(self.conv(x))
         H, W = x.shape[-2:]

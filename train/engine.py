@@ -90,8 +90,6 @@ class Trainer:
         self.cfg = cfg
         self.info = info = init_distributed(cfg["device"])
         self.dev = info.device
-        if self.dev.type == "cuda":  # fixed input shapes: let cuDNN time its algorithms once (the stem's convs)
-            torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg["seed"])  # same initial weights on every rank
         np.random.seed(cfg["seed"])
         random.seed(cfg["seed"])

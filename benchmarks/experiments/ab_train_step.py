@@ -5,6 +5,10 @@ repository root):
       AB_KEEP=$1 AB_COLSUM=$2 AB_ACTBWD=$3 AB_FLAT=$4 python benchmarks/experiments/ab_train_step.py \
           --models groupmamba_tiny --cuda-graph --modes train_bf16 --no-baseline --iters 10
     done
+    for v in "fused split" "fused cudnn" "cudnn cudnn"; do set -- $v
+      AB_WGRAD=$1 AB_WGRAD_KEPT=$2 python benchmarks/experiments/ab_train_step.py --models groupmamba_tiny \
+          --cuda-graph --modes train_bf16 --no-baseline --iters 10
+    done
 
 Each switch (1 = as shipped, 0 = off) runs benchmarks/bench_models.py with one change undone:
 AB_KEEP   the ConvFFN recompute keeps the conv's pre-activation (models/layers.py)
@@ -14,10 +18,10 @@ AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 
 AB_FASTACT the Triton kernels' GELU / SiLU from ops/triton_act.py (0: the libdevice erf and tl.sigmoid
           forms they replaced, patched into the kernels' modules before anything compiles)
 AB_DGRAD  the conv's input gradient with the Triton stencil (ops/triton_dwconv.py CONFIG; 0: cuDNN dgrad)
-AB_STEM_NHWC the stem in channels_last on CUDA (models/layers.py Stem.channels_last; 0: the input's NCHW)
 AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre-activation was
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
-The in_proj's shared input cast (models/mixer.py) has no switch. Results: BENCHMARKS.md, sixth set.
+The in_proj's shared input cast (models/mixer.py) has no switch. Results: BENCHMARKS.md, sixth and
+seventh sets.
 """
 import contextlib
 import os
@@ -34,7 +38,6 @@ if os.environ.get("AB_KEEP", "1") == "0":
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"
-layers.Stem.channels_last = os.environ.get("AB_STEM_NHWC", "1") == "1"
 triton_dwconv.CONFIG["wgrad"] = os.environ.get("AB_WGRAD", triton_dwconv.CONFIG["wgrad"])
 triton_dwconv.CONFIG["wgrad_kept"] = os.environ.get("AB_WGRAD_KEPT", triton_dwconv.CONFIG["wgrad_kept"])
 extra = [] if os.environ.get("AB_FLAT", "1") == "1" else ["--no-flat-params"]

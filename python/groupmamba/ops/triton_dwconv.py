@@ -13,20 +13,23 @@ registers and spills; with 32-bit in-tile offsets 0.78 ms (88 SASS instructions 
 bound); this sliding-window kernel 0.56 ms (52 per element with libdevice's erf, 18 without an
 activation), and it was faster or equal at every GroupMamba-T shape but one (28x28, C=128: 46 vs 44 us).
 See BENCHMARKS.md, "Depthwise conv kernels".
-Backward (autograd.Function): recompute the pre-activation with the same kernel (no activation), apply
-the activation's derivative and sum the result over positions for dbias in one pass
-(triton_colsum.column_sum_act_grad;
-CONFIG["fused_act_bwd"]=False: torch's silu/gelu_backward, then triton_colsum.column_sum); dx is the
-same kernel again over that gradient with the taps rotated by 180 degrees (a depthwise conv's input
-gradient is its transposed stencil; CONFIG["triton_dgrad"]=False: cuDNN's dgrad), and dweight comes from
-aten.convolution_backward (cuDNN's NHWC depthwise wgrad). Of the
-activations only x is saved, not the conv output. Inside ``keep_preactivation()``
-(ConvFFN's checkpoint recompute, which runs right before this backward) the forward also stores the
-pre-activation and saves it, so the backward skips its recompute: the FFN's conv runs twice per step
-instead of three times.
-A fused Triton backward (recompute + activation derivative + per-program weight-gradient partials in one
-kernel, then dx as this forward with flipped taps) was measured on an H200 on 2026-11-28 and was slower:
-22 ms of a GroupMamba-T training step against ~11 ms for the cuDNN kernels (see BENCHMARKS.md).
+Backward (autograd.Function), all Triton by default; CONFIG picks each piece:
+- the weight and bias gradients and g = grad_out * act'(pre) (_dwconv_wgrad, the forward's sliding
+  window over x; each output column's g multiplied into nine per-tap accumulators and one for the bias,
+  per-program fp32 partials summed afterwards in a fixed order). When the pre-activation was not kept
+  ("fused"), the same pass recomputes it from the window; when it was kept ("split"), the activation
+  backward + bias sum (triton_colsum.column_sum_act_grad) makes g first and the pass reads it. "cudnn":
+  the activation backward, then cuDNN's NHWC depthwise wgrad;
+- dx: this file's forward kernel over g with the taps rotated by 180 degrees (a depthwise conv's input
+  gradient is its transposed stencil), no bias, no activation (triton_dgrad=False: cuDNN's dgrad).
+Of the activations only x is saved, not the conv output. Inside ``keep_preactivation()`` (ConvFFN's
+checkpoint recompute, which runs right before this backward) the forward also stores the pre-activation
+and saves it, so the backward needs no recompute: the FFN's conv runs twice per step, not three times.
+History: a first fused Triton backward (experiments/dwconv_fused_backward.patch, 2048-element tiles, ten
+accumulator tiles per program, 180-250 registers) took 22 ms of a GroupMamba-T training step against
+~11 ms for cuDNN's kernels; this one holds four channels of one row per thread (the wgrad pass: 167
+registers fused, 108 over a given g). Not faster than cuDNN's at every shape, but the T training step
+ran at 1724 img/s with it against 1712 with cuDNN's wgrad and dgrad (H200, BENCHMARKS.md, seventh set).
 """
 from __future__ import annotations
 
@@ -51,9 +54,10 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # was kept (keep_preactivation). "fused" (not kept only) = one _dwconv_wgrad pass: the activation
 # derivative from a pre-activation recomputed from the window, the weight and bias gradients; "split" = the
 # activation backward (column_sum_act_grad, after a recompute pass when not kept), then _dwconv_wgrad over
-# its result (ACT 0); "cudnn" = the same activation backward, then cuDNN's wgrad. Measured on an H200
-# (BENCHMARKS.md, seventh set): fused / split fastest; a fused pass that loaded a kept pre-activation was
-# slower than split (1.1-1.2x at the FFN shapes) and was removed. wgrad_programs: about how many programs.
+# its result (ACT 0); "cudnn" = the same activation backward, then cuDNN's wgrad. Defaults: the fastest
+# pair in whole-step A/B runs on an H200 (BENCHMARKS.md, seventh set); a fused pass that loaded a kept
+# pre-activation was 1.1-1.2x slower than split at the FFN shapes and was removed.
+# wgrad_programs: about how many programs the wgrad pass launches (the partials' rows).
 CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True, "triton_dgrad": True,
           "wgrad": "fused", "wgrad_kept": "split", "wgrad_programs": 2048}
 
