@@ -5,8 +5,9 @@
 * Triton interpreter (always, when Triton is importable): the forward kernel and the Triton backward
   (weight-gradient pass + dx pass) at several tile sizes and program counts, and the cuDNN-backward
   variants (recompute + aten.convolution_backward), on CPU tensors with TRITON_INTERPRET=1, in a
-  subprocess; the number of conv passes with and without an activation checkpoint (ConvFFN's
-  recompute), whose results are bit-identical to the plain call's.
+  subprocess; the number and kind of conv passes per weight-gradient method with and without an
+  activation checkpoint (ConvFFN's recompute; bit-identical to the plain call with the same method);
+  empty inputs.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
   1392), fp32 / bf16 / fp16, outputs poisoned first; under bf16 autocast.
 * The kernels' activations (ops/triton_act.py: GELU, SiLU and their derivatives in few instructions)
@@ -145,6 +146,11 @@ def _interpret_checks():
         for act in ("silu", "none"):
             inp = make(2, 5, 7, 16)
             compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {method} {act}")
+    for method in ("fused", "split", "cudnn"):   # empty batch: empty / zero gradients, nothing launched
+        td.CONFIG.update(defaults, wgrad=method)
+        for act in ("gelu", "none"):
+            inp = make(0, 4, 5, 8)
+            compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 0, 0, f"interpreter empty {method} {act}")
     td.CONFIG.update(defaults, wgrad="cudnn", fused_act_bwd=False)  # torch's derivative + column_sum
     for act in ("silu", "gelu"):
         inp = make(2, 5, 7, 16)
@@ -227,11 +233,15 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32):
     from torch.utils.checkpoint import checkpoint
 
     defaults = dict(td.CONFIG)
-    calls = []   # (keep_pre, an input-gradient pass: zero bias over the output gradient) per conv pass
-    conv = td._conv
+    # per conv pass (keep_pre, an input-gradient pass: zero bias over the output gradient); per weight-
+    # gradient pass ("wgrad", its activation: "gelu" when it applies the derivative itself)
+    calls = []
+    conv, conv_grads = td._conv, td._conv_grads
     td._conv = lambda *a, **k: calls.append((k.get("keep_pre", False), bool((a[2] == 0).all()))) or conv(*a, **k)
+    td._conv_grads = lambda *a: calls.append(("wgrad", a[4])) or conv_grads(*a)
     ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
     fwd, recompute, kept, dx_pass = (False, False), (False, False), (True, False), (False, True)
+    wgrad = {"fused": [("wgrad", "gelu")], "split": [("wgrad", "none")], "cudnn": []}
     inp = make(2, 6, 5, 24, dtype=dtype, device=device)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     try:
@@ -239,11 +249,12 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32):
             td.CONFIG.update(defaults, wgrad=method, wgrad_kept=method_kept)
             calls.clear()
             plain = run(D.dwconv_act_fused, inp, "gelu")
-            assert calls == ([fwd, dx_pass] if method == "fused" else [fwd, recompute, dx_pass]), (method, calls)
+            passes = [fwd] + ([] if method == "fused" else [recompute]) + wgrad[method] + [dx_pass]
+            assert calls == passes, (method, calls)
             calls.clear()
             ckpt = run(lambda *a: checkpoint(D.dwconv_act_fused, *a, use_reentrant=False, context_fn=ctx),
                        inp, "gelu")
-            assert calls == [fwd, kept, dx_pass], (method, calls)
+            assert calls == [fwd, kept] + wgrad[method_kept] + [dx_pass], (method_kept, calls)
             if method == method_kept:
                 for k in plain:
                     assert torch.equal(plain[k], ckpt[k]), (method, k)
@@ -251,7 +262,7 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32):
                 compare(res, hand64(inp, "gelu"), tol, 1e-4 if dtype == torch.float32 else 1e-2,
                         f"{what}, wgrad={method}, {device} {dtype}")
     finally:
-        td._conv = conv
+        td._conv, td._conv_grads = conv, conv_grads
         td.CONFIG.update(defaults)
 
 

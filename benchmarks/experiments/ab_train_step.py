@@ -71,6 +71,7 @@ if os.environ.get("AB_FASTACT", "1") == "0":
         return s * (1.0 + x * (1.0 - s))
 
     triton_dwconv.gelu, triton_dwconv.silu = libdevice_gelu, tl_silu
+    triton_dwconv.gelu_grad, triton_dwconv.silu_grad = libdevice_gelu_grad, tl_silu_grad   # the fused wgrad pass
     triton_colsum.gelu_grad, triton_colsum.silu_grad = libdevice_gelu_grad, tl_silu_grad
     triton_norm.sigmoid, triton_norm.silu = tl_sigmoid, tl_silu
 

@@ -24,12 +24,14 @@ Backward (autograd.Function), all Triton by default; CONFIG picks each piece:
   gradient is its transposed stencil), no bias, no activation (triton_dgrad=False: cuDNN's dgrad).
 Of the activations only x is saved, not the conv output. Inside ``keep_preactivation()`` (ConvFFN's
 checkpoint recompute, which runs right before this backward) the forward also stores the pre-activation
-and saves it, so the backward needs no recompute: the FFN's conv runs twice per step, not three times.
+and saves it, so the backward needs no recompute: the FFN's conv forward runs twice per step (plus the
+dx pass), not three times.
 History: a first fused Triton backward (experiments/dwconv_fused_backward.patch, 2048-element tiles, ten
 accumulator tiles per program, 180-250 registers) took 22 ms of a GroupMamba-T training step against
 ~11 ms for cuDNN's kernels; this one holds four channels of one row per thread (the wgrad pass: 167
-registers fused, 108 over a given g). Not faster than cuDNN's at every shape, but the T training step
-ran at 1724 img/s with it against 1712 with cuDNN's wgrad and dgrad (H200, BENCHMARKS.md, seventh set).
+registers fused, 108 over a given g). Not faster than cuDNN's wgrad at every shape; the T training step
+ran at 1723.8 img/s with it and 1712.3 with cuDNN's wgrad (same call, H200; under 1%, about the spread
+between machines), and the Triton dx pass is what moved the step (BENCHMARKS.md, seventh set).
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # block_h: output rows per program (None: 4 for H >= 28, else 2: within 1 us of the better of the two at
 # every GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
 # program (capped at C's next power of two); num_warps
-# fused_act_bwd: the backward's activation derivative and bias-gradient sum in one Triton pass
-# (triton_colsum.column_sum_act_grad) instead of torch's silu/gelu_backward followed by column_sum
+# fused_act_bwd (the split and cudnn methods below): the activation derivative and bias-gradient sum in one
+# Triton pass (triton_colsum.column_sum_act_grad) instead of torch's silu/gelu_backward + column_sum
 # triton_dgrad: the input gradient with _dwconv_fwd (taps rotated) instead of cuDNN's dgrad
 # wgrad / wgrad_kept: how the backward gets the weight gradient when the pre-activation was not kept /
 # was kept (keep_preactivation). "fused" (not kept only) = one _dwconv_wgrad pass: the activation
@@ -294,10 +296,14 @@ _ZEROS = {}
 
 
 def _zeros(C, device):
-    """A cached fp32 zero bias of length C (the dgrad pass has no bias; no allocation per call)."""
+    """An fp32 zero bias of length C for the dx pass, cached (no allocation per call) unless made during a
+    CUDA graph capture: there torch.zeros is only recorded, and eager calls must not see it unfilled."""
     key = (C, device)
     if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(C, device=device, dtype=torch.float32)
+        zeros = torch.zeros(C, device=device, dtype=torch.float32)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return zeros
+        _ZEROS[key] = zeros
     return _ZEROS[key]
 
 
@@ -327,6 +333,10 @@ class DWConvAct(torch.autograd.Function):
         act = ctx.act
         grad_out = grad_out.contiguous()
         C = x.shape[-1]
+        if x.numel() == 0:  # nothing to launch (the passes below split B*H rows into programs)
+            need = ctx.needs_input_grad
+            return (torch.zeros_like(x) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
+                    torch.zeros_like(bias) if need[2] else None, None)
         kept = act != "none" and pre.data_ptr() != x.data_ptr()
         method = CONFIG["wgrad_kept" if kept else "wgrad"]
         if method not in (("split", "cudnn") if kept else ("fused", "split", "cudnn")):
@@ -345,10 +355,11 @@ class DWConvAct(torch.autograd.Function):
                 else:
                     gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
                             else torch.ops.aten.gelu_backward(grad_out, pre))
-            if method == "split":
-                _, dtaps, _ = _conv_grads(x, gpre, taps, bias, "none")
-        if method != "cudnn":
-            dw = dtaps.t().reshape(weight.shape) if ctx.needs_input_grad[1] else None
+            if method == "split" and ctx.needs_input_grad[1]:
+                _, dtaps, db_pass = _conv_grads(x, gpre, taps, bias, "none")
+                db = db_pass if db is None else db
+        if method != "cudnn" and ctx.needs_input_grad[1]:
+            dw = dtaps.t().reshape(weight.shape)
         dx = None
         want_dx = ctx.needs_input_grad[0]
         if want_dx and CONFIG["triton_dgrad"]:
