@@ -27,8 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchutil import capture_graph, device_name, write_report  # benchmarks/ is on sys.path when run as a script
-from groupmamba.train.flat_params import FlatParams
+from benchutil import capture_graph, device_name, train_optimizer, write_report  # benchmarks/ is on sys.path
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -94,20 +93,7 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
         compiled = args.compile and not baseline and not graphed  # the graph captures the eager model
         run = torch.compile(model, mode=args.compile_mode) if compiled else model
         # the training script's optimizer set-up: each group's parameters in one buffer (--flat-params)
-        flat = FlatParams([{"params": list(model.parameters())}]) if not args.no_flat_params and not compiled \
-            else None
-        opt = torch.optim.AdamW(flat.param_groups if flat else model.parameters(), lr=1e-4, weight_decay=0.05,
-                                **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
-
-        def zero_grad():
-            opt.zero_grad(set_to_none=True)
-            if flat:
-                flat.zero_grad()
-
-        def opt_step(step_fn):
-            if flat:
-                flat.gather_grads()
-            step_fn(opt)
+        zero_grad, opt_step = train_optimizer(model, device, graphed, not args.no_flat_params and not compiled)
         scaler = torch.amp.GradScaler(device.type, enabled=(mode == "train_fp16"))
         x = torch.randn(B, 3, img, img, device=device)
         y = torch.randint(0, 1000, (B,), device=device)
@@ -120,7 +106,7 @@ def bench_one(name: str, path: str, mode: str, args, device) -> dict:
         if graphed:  # forward + backward + AdamW captured; the gradients live in the graph's memory
             def body():
                 forward_loss().backward()
-                opt_step(lambda o: o.step())
+                opt_step()
 
             step = capture_graph(body, zero_grad)
         else:

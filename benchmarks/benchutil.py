@@ -10,6 +10,7 @@ import time
 import torch
 
 from groupmamba.atomic import atomic_write
+from groupmamba.train.flat_params import FlatParams
 from groupmamba.train.graph_step import capture
 
 
@@ -73,6 +74,27 @@ def copy_bandwidth_gbs(device="cuda") -> float:
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, warmup=3, iters=20)
     return 2 * n * 4 / ms / 1e6
+
+
+def train_optimizer(model, device, graphed: bool, flat: bool):
+    """The benchmarks' optimizer, set up as the training script does: AdamW (fused on CUDA, capturable
+    when the step is graphed) over the model's parameters, flattened into one buffer when ``flat``
+    (train --flat-params). Returns (zero_grad(), step(step_fn)); step gathers the flat gradients,
+    then runs step_fn(optimizer) (optimizer.step or a GradScaler's step)."""
+    fl = FlatParams([{"params": list(model.parameters())}]) if flat else None
+    opt = torch.optim.AdamW(fl.param_groups if fl else model.parameters(), lr=1e-4, weight_decay=0.05,
+                            **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
+
+    def zero_grad():
+        opt.zero_grad(set_to_none=True)
+        if fl:
+            fl.zero_grad()
+
+    def step(step_fn=lambda o: o.step()):
+        if fl:
+            fl.gather_grads()
+        step_fn(opt)
+    return zero_grad, step
 
 
 def capture_graph(body, before_each, warmup: int = 3):

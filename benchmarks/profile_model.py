@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from groupmamba.train.flat_params import FlatParams
-
-from benchutil import capture_graph, device_name  # benchmarks/ is on sys.path when run as a script
+from benchutil import capture_graph, device_name, train_optimizer  # benchmarks/ is on sys.path as a script
 
 MAX_TRACE_BYTES = 16 << 20
 # Kernel name patterns -> the part of the model they belong to (first match wins), so one profile says
@@ -73,23 +71,14 @@ def make_step(model, mode: str, batch: int, img: int, amp, device, graphed: bool
     if mode == "train":
         model.train()
         y = torch.randint(0, 1000, (batch,), device=device)
-        flat = FlatParams([{"params": list(model.parameters())}]) if graphed else None
-        opt = torch.optim.AdamW(flat.param_groups if flat else model.parameters(), lr=1e-4, weight_decay=0.05,
-                                **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
-
-        def zero_grad():
-            opt.zero_grad(set_to_none=True)
-            if flat:
-                flat.zero_grad()
+        zero_grad, opt_step = train_optimizer(model, device, graphed, flat=graphed)
 
         def body():
             with ctx():
                 out, dist = model(x)
                 loss = 0.5 * F.cross_entropy(out, y) + 0.5 * F.cross_entropy(dist, y)
             loss.backward()
-            if flat:
-                flat.gather_grads()
-            opt.step()
+            opt_step()
 
         if graphed:
             return capture_graph(body, zero_grad)

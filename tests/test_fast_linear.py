@@ -210,10 +210,6 @@ def test_gpu_linear_padded_under_autocast_matches_f_linear(M, K, N):
         assert e <= 1e-2, (k, e)
 
 
-if __name__ == "__main__" and "--interpret" in sys.argv:
-    _interpret_checks()
-
-
 def test_padded_dtype_decides_which_gemms_pad():
     """The one predicate linear() uses inside a capture: 16-bit operands (or a 16-bit autocast) with K or N
     not a multiple of 8 pad; aligned widths, float32 without autocast and mismatched inputs do not."""
@@ -226,3 +222,7 @@ def test_padded_dtype_decides_which_gemms_pad():
     assert padded_dtype(torch.zeros(2, 64, dtype=torch.bfloat16), w348) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert padded_dtype(torch.zeros(2, 348), w348) == torch.bfloat16
+
+
+if __name__ == "__main__" and "--interpret" in sys.argv:
+    _interpret_checks()

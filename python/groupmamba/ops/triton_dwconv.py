@@ -78,11 +78,18 @@ def _row_col(img, off, m, w, W, C):
 
 
 @triton.jit
+def _stencil(bias, t0, t1, t2, t3, t4, t5, t6, t7, t8, lu, mu, ru, lm, mm, rm, ld, md, rd):
+    """The pre-activation: bias + the nine taps times the window (l/m/r = columns w-1, w, w+1; u/m/d =
+    rows above, at, below), in one fixed order, so the backward's recompute equals the forward's bits."""
+    return bias + lu * t0 + mu * t1 + ru * t2 + lm * t3 + mm * t4 + rm * t5 + ld * t6 + md * t7 + rd * t8
+
+
+@triton.jit
 def _out_col(obase, pbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
              lu, mu, ru, lm, mm, rm, ld, md, rd, ACT: tl.constexpr, STORE_PRE: tl.constexpr):
     """Output column w from the window (l/m/r = columns w-1, w, w+1; u/m/d = rows above, at, below);
     with STORE_PRE also the pre-activation at pbase."""
-    acc = bias + lu * t0 + mu * t1 + ru * t2 + lm * t3 + mm * t4 + rm * t5 + ld * t6 + md * t7 + rd * t8
+    acc = _stencil(bias, t0, t1, t2, t3, t4, t5, t6, t7, t8, lu, mu, ru, lm, mm, rm, ld, md, rd)
     if STORE_PRE:
         tl.store(pbase + off + w * C, acc.to(pbase.dtype.element_ty), mask=m & (w < W))
     if ACT == 1:
@@ -105,8 +112,24 @@ def _rows(hh, H, W, C, cs, cmask):
 
 
 @triton.jit
+def _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w, W, C):
+    """Column w of the window's three input rows (above, at, below the output row)."""
+    return (_row_col(img, off_u, m_u, w, W, C), _row_col(img, off_m, m_m, w, W, C),
+            _row_col(img, off_d, m_d, w, W, C))
+
+
+@triton.jit
 def _tap(WT, k, C, cs, cok):
     return tl.load(WT + k * C + cs, mask=cok, other=0.0)[None, :]
+
+
+@triton.jit
+def _taps_bias(WT, Bias, C, cs, cok):
+    """The nine taps and the bias of channels cs, as fp32 rows."""
+    return (_tap(WT, 0, C, cs, cok), _tap(WT, 1, C, cs, cok), _tap(WT, 2, C, cs, cok),
+            _tap(WT, 3, C, cs, cok), _tap(WT, 4, C, cs, cok), _tap(WT, 5, C, cs, cok),
+            _tap(WT, 6, C, cs, cok), _tap(WT, 7, C, cs, cok), _tap(WT, 8, C, cs, cok),
+            tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :])
 
 
 @triton.jit(do_not_specialize=["H", "W", "NHB"])
@@ -121,34 +144,23 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
     image = b.to(tl.int64) * H * W * C      # 64-bit offset of image b (x and out alike)
     img = X + image
     off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
-    t0, t1, t2 = _tap(WT, 0, C, cs, cok), _tap(WT, 1, C, cs, cok), _tap(WT, 2, C, cs, cok)
-    t3, t4, t5 = _tap(WT, 3, C, cs, cok), _tap(WT, 4, C, cs, cok), _tap(WT, 5, C, cs, cok)
-    t6, t7, t8 = _tap(WT, 6, C, cs, cok), _tap(WT, 7, C, cs, cok), _tap(WT, 8, C, cs, cok)
-    bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok)
     # window: columns w-1 (a*) and w (b*) of the three input rows; column -1 is padding. The loop
     # is unrolled by three so the window's roles rotate statically instead of by register moves.
     au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     am = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     ad = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
-    bu = _row_col(img, off_u, m_u, 0, W, C)
-    bm = _row_col(img, off_m, m_m, 0, W, C)
-    bd = _row_col(img, off_d, m_d, 0, W, C)
+    bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C)
     obase = OUT + image
     pbase = PRE + image
     for w in range(0, W, 3):
-        cu = _row_col(img, off_u, m_u, w + 1, W, C)
-        cm = _row_col(img, off_m, m_m, w + 1, W, C)
-        cd = _row_col(img, off_d, m_d, w + 1, W, C)
+        cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 1, W, C)
         _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                  au, bu, cu, am, bm, cm, ad, bd, cd, ACT, STORE_PRE)
-        du = _row_col(img, off_u, m_u, w + 2, W, C)
-        dm = _row_col(img, off_m, m_m, w + 2, W, C)
-        dd = _row_col(img, off_d, m_d, w + 2, W, C)
+        du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
         _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                  bu, cu, du, bm, cm, dm, bd, cd, dd, ACT, STORE_PRE)
-        eu = _row_col(img, off_u, m_u, w + 3, W, C)
-        em = _row_col(img, off_m, m_m, w + 3, W, C)
-        ed = _row_col(img, off_d, m_d, w + 3, W, C)
+        eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
         _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                  cu, du, eu, cm, dm, em, cd, dd, ed, ACT, STORE_PRE)
         au, am, ad = du, dm, dd
@@ -159,12 +171,12 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
 def _grad_col(gobase, gbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
               lu, mu, ru, lm, mm, rm, ld, md, rd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT: tl.constexpr):
     """Output column w of the backward: g = grad_out * act'(pre), with the pre-activation from the window
-    (the same sums, in the same order, as _out_col's), stored at gbase; the ten accumulators of the taps'
+    (_stencil, as in _out_col), stored at gbase; the ten accumulators of the taps'
     and the bias's gradients updated with the unrounded g. ACT 0: g is grad_out, nothing stored."""
     mw = m & (w < W)
     g = tl.load(gobase + off + w * C, mask=mw, other=0.0).to(tl.float32)
     if ACT != 0:
-        pre = bias + lu * t0 + mu * t1 + ru * t2 + lm * t3 + mm * t4 + rm * t5 + ld * t6 + md * t7 + rd * t8
+        pre = _stencil(bias, t0, t1, t2, t3, t4, t5, t6, t7, t8, lu, mu, ru, lm, mm, rm, ld, md, rd)
         if ACT == 1:
             g = g * silu_grad(pre)
         else:
@@ -186,10 +198,7 @@ def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, C, NHB, NRB, PER_PROGRAM, ACT: 
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cok = cs < C
     cmask = cok[None, :]
-    t0, t1, t2 = _tap(WT, 0, C, cs, cok), _tap(WT, 1, C, cs, cok), _tap(WT, 2, C, cs, cok)
-    t3, t4, t5 = _tap(WT, 3, C, cs, cok), _tap(WT, 4, C, cs, cok), _tap(WT, 5, C, cs, cok)
-    t6, t7, t8 = _tap(WT, 6, C, cs, cok), _tap(WT, 7, C, cs, cok), _tap(WT, 8, C, cs, cok)
-    bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok)
     a0 = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     a1, a2, a3, a4, a5, a6, a7, a8, a9 = a0, a0, a0, a0, a0, a0, a0, a0, a0
     for j in range(pid * PER_PROGRAM, tl.minimum(NRB, (pid + 1) * PER_PROGRAM)):
@@ -202,25 +211,17 @@ def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, C, NHB, NRB, PER_PROGRAM, ACT: 
         off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
         au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
         am, ad = au, au
-        bu = _row_col(img, off_u, m_u, 0, W, C)
-        bm = _row_col(img, off_m, m_m, 0, W, C)
-        bd = _row_col(img, off_d, m_d, 0, W, C)
+        bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C)
         for w in range(0, W, 3):
-            cu = _row_col(img, off_u, m_u, w + 1, W, C)
-            cm = _row_col(img, off_m, m_m, w + 1, W, C)
-            cd = _row_col(img, off_d, m_d, w + 1, W, C)
+            cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 1, W, C)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
                 gobase, gbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                 au, bu, cu, am, bm, cm, ad, bd, cd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
-            du = _row_col(img, off_u, m_u, w + 2, W, C)
-            dm = _row_col(img, off_m, m_m, w + 2, W, C)
-            dd = _row_col(img, off_d, m_d, w + 2, W, C)
+            du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
                 gobase, gbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                 bu, cu, du, bm, cm, dm, bd, cd, dd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
-            eu = _row_col(img, off_u, m_u, w + 3, W, C)
-            em = _row_col(img, off_m, m_m, w + 3, W, C)
-            ed = _row_col(img, off_d, m_d, w + 3, W, C)
+            eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
                 gobase, gbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                 cu, du, eu, cm, dm, em, cd, dd, ed, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
