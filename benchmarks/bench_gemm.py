@@ -11,6 +11,9 @@ tensor-memory loads need). This measured what padding would buy before it was bu
 (M tokens, K in, N out): forward x @ W^T, dgrad g @ W, wgrad g^T @ x, each with fresh random operands,
 CUDA-graph replays, median. "per step" multiplies by the stage's depth (every block has these Linears:
 in_proj x and z, out_proj, proj (bias), FFN fc1 and fc2 (bias); in/out projections block-diagonal, C x C).
+A third table times each unaligned Linear whole, forward + backward under autocast as the model's
+CUDA-graph step runs it: cuBLAS on the unaligned tensors (F.linear) and fast_linear.linear (cuBLAS on
+zero-padded copies, the copies included).
 The markdown tables are printed and, if $OUT is set, written to $OUT/bench_gemm.md.
 """
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_report
 from groupmamba.models.registry import MODEL_CONFIGS
+from groupmamba.ops import fast_linear
 from groupmamba.ops.fast_linear import _pad_to
 from groupmamba.ops.triton_colsum import column_sum
 
@@ -98,8 +102,34 @@ def main(argv=None) -> int:
         tt, tc = graph_ms(lambda: g.sum(0), args.iters), graph_ms(lambda: column_sum(g), args.iters)
         gbs = g.numel() * g.element_size() / tc / 1e6
         emit(lines, f"| {M} | {N} | {tt * 1e3:.0f} | {tc * 1e3:.0f} | {tt / tc:.2f}x | {gbs:.0f} ({gbs / bw:.0%}) |")
+    unaligned = [r for r in rows if r[3] % 8 or r[4] % 8]
+    if unaligned:
+        whole_linears(lines, unaligned, dtype, args.iters)
     write_report(args.out, "bench_gemm.md", "\n".join(lines))
     return 0
+
+
+def whole_linears(lines, rows, dtype, iters):
+    """Each unaligned Linear forward + backward under autocast, captured, two ways (see the docstring)."""
+    emit(lines, "")
+    emit(lines, "| stage | Linear | M | K | N | cuBLAS unaligned us | fast_linear (padded) us |")
+    emit(lines, "|---|---|---|---|---|---|---|")
+    tot = {"cublas": 0.0, "pad": 0.0}
+    for stage, name, M, K, N, bias, count in rows:
+        x = torch.randn(M, K, device="cuda", dtype=dtype, requires_grad=True)
+        w = torch.randn(N, K, device="cuda", requires_grad=True)
+        b = torch.randn(N, device="cuda", requires_grad=True) if bias else None
+        g = torch.randn(M, N, device="cuda", dtype=dtype)
+        res = {}
+        for how in tot:
+            def step():
+                with torch.autocast("cuda", dtype=dtype):
+                    y = F.linear(x, w, b) if how == "cublas" else fast_linear.linear(x, w, b)
+                y.backward(g)
+            res[how] = graph_ms(step, iters)
+            tot[how] += count * res[how]
+        emit(lines, f"| {stage} | {name} | {M} | {K} | {N} | " + " | ".join(f"{res[h] * 1e3:.0f}" for h in tot) + " |")
+    emit(lines, "| all, per step | | | | | " + " | ".join(f"{tot[h]:.2f} ms" for h in tot) + " |")
 
 
 if __name__ == "__main__":

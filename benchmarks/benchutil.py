@@ -10,7 +10,7 @@ import time
 import torch
 
 from groupmamba.atomic import atomic_write
-from groupmamba.train.flat_params import FlatParams
+from groupmamba.train.flat_params import FlatParams, clear_grads
 from groupmamba.train.graph_step import capture
 
 
@@ -86,9 +86,7 @@ def train_optimizer(model, device, graphed: bool, flat: bool):
                             **({"fused": True, "capturable": graphed} if device.type == "cuda" else {}))
 
     def zero_grad():
-        opt.zero_grad(set_to_none=True)
-        if fl:
-            fl.zero_grad()
+        clear_grads(opt, fl)
 
     def step(step_fn=lambda o: o.step()):
         if fl:

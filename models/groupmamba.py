@@ -175,9 +175,9 @@ class GroupMamba(nn.Module):
                 m.recompute = enable
 
     def set_fused(self, fused: bool = True) -> None:
-        """Switches every mixer, LayerNorm and Linear between the fast path and the official-style path."""
+        """Switches every mixer, LayerNorm, Linear and the stem's BatchNorm + ReLU between the fast path and the official-style path."""
         for m in self.modules():
-            if isinstance(m, (GroupMambaLayer, LayerNorm, ConvFFN, Linear)):
+            if isinstance(m, (GroupMambaLayer, LayerNorm, ConvFFN, Linear, Stem)):
                 m.fused = fused
 
     def set_proj_impl(self, proj_impl: str) -> None:

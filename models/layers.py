@@ -13,7 +13,7 @@ import torch.nn as nn
 from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
-from groupmamba.ops import dwconv_act, group_layer_norm, keep_preactivation, linear
+from groupmamba.ops import bn_relu, dwconv_act, group_layer_norm, keep_preactivation, linear
 from groupmamba.ops._util import autocast_dtype
 
 
@@ -65,14 +65,21 @@ class Stem(nn.Module):
         )
         self.proj = nn.Conv2d(hidden_dim, out_dim, 3, stride=2, padding=1)
         self.norm = LayerNorm(out_dim)  # default eps (1e-5), as in the official code
+        self.fused = True  # BatchNorm + ReLU in fused kernels (ops.bn_relu); set by GroupMamba.set_fused
 
     def forward(self, x: torch.Tensor):
-        # channels_last on CUDA: cuDNN's NHWC convolutions, and map_to_tokens is a view. Measured against
-        # keeping the input's NCHW (H200, GroupMamba-T CUDA-graph training step, BENCHMARKS.md seventh
-        # set): 1707.8 vs 1467.7 img/s, although torch's NHWC BatchNorm statistics kernel is slow here.
+        # channels_last on CUDA: cuDNN's NHWC convolutions, the fused BatchNorm + ReLU's row layout, and
+        # map_to_tokens is a view. Measured against keeping the input's NCHW (H200, GroupMamba-T CUDA-graph
+        # training step, BENCHMARKS.md seventh set, with torch's NHWC BatchNorm): 1707.8 vs 1467.7 img/s.
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.proj(self.conv(x))
+        if self.fused:
+            conv = self.conv
+            for i in (0, 3, 6):   # conv, BatchNorm, ReLU
+                x = bn_relu(conv[i + 1], conv[i](x))
+        else:
+            x = self.conv(x)
+        x = self.proj(x)
         H, W = x.shape[-2:]
         return self.norm(map_to_tokens(x)), H, W
 

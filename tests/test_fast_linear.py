@@ -5,8 +5,8 @@ triton_colsum.column_sum (the depthwise conv's bias gradient).
   F.linear in float64 at unaligned shapes (K and N padded, K only, N only; with and without bias), values
   and gradients of x, weight and bias, and the strided view it returns.
 * Triton interpreter (always, when Triton is importable): column_sum vs float64 on ragged shapes (rows
-  and columns not multiples of the tile, one row, a single column, several row blocks), in a subprocess
-  with TRITON_INTERPRET=1.
+  and columns not multiples of the tile, one row, a single column, several row blocks) and the padded
+  Linear's column-sum bias gradient, in a subprocess with TRITON_INTERPRET=1.
 * GPU (@pytest.mark.gpu): column_sum at GroupMamba-T's bias-gradient shapes (fp32 / bf16), outputs
   poisoned first; linear_padded in bf16 at the padded shapes (C = 348) vs float64, and under bf16
   autocast vs F.linear's autocast result; linear pads inside a CUDA graph capture and not eagerly.
@@ -120,7 +120,7 @@ def _interpret_checks():
     # the captured Linear's column-sum bias gradient, unpadded (align 1) and padded, vs float64
     for M, K, N, align in [(40, 24, 16, 1), (37, 22, 35, 8)]:
         inp = make(M, K, N, lead=(2,))
-        res = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16, align, L._LinearColumnSumBias.apply), inp)
+        res = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16, align), inp)
         compare(res, ref64(inp), 1e-2, 1e-2, f"interpreter column-sum Linear {M}x{K}x{N} align {align}")
         assert res["out"].dtype == torch.bfloat16 and res["dbias"].dtype == torch.float32
     print("interpreter checks passed")

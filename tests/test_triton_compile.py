@@ -1,4 +1,4 @@
-"""The Triton kernels (modulation, grouped LayerNorm, depthwise conv, column sum) compile for Hopper (sm_90) with the launchers' tiles.
+"""The Triton kernels (modulation, grouped LayerNorm, depthwise conv, column sum, BatchNorm + ReLU) compile for Hopper (sm_90) with the launchers' tiles.
 
 CI has no GPU: the interpreter tests (test_modulation.py) check the arithmetic, this checks that the
 real compiler accepts every kernel, in fp32 and bf16, at a narrow (C=64) and a wide odd (C=348) row.
@@ -95,5 +95,20 @@ def test_colsum_kernel_compiles_for_sm90(act, act_code):
     consts = dict(ACT=act_code, BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"])
     compiled = compile_sm90(tc._colsum_partial, consts, {"M": "i32", "N": "i32", "ROWS": "i32"},
                             {"G", "PRE", "GPRE"}, act, tc.CONFIG["num_warps"])
+    assert len(compiled.asm["cubin"]) > 0
+    assert ".target sm_90" in compiled.asm["ptx"]
+
+
+
+@pytest.mark.parametrize("act", ["*fp32", "*bf16"])
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("name", ["_bn_sums", "_bn_apply"])
+def test_batchnorm_kernel_compiles_for_sm90(name, backward, act):
+    from groupmamba.ops import triton_batchnorm as tb
+    kernel = getattr(tb, name)
+    block_r = tb.CONFIG["block_r" if name == "_bn_sums" else "apply_block_r"]
+    consts = dict(C=32, BACKWARD=backward, BLOCK_R=block_r, BLOCK_C=32)
+    scalars = {"R": "i32", "ROWS": "i32", "inv_R": "fp32"}
+    compiled = compile_sm90(kernel, consts, scalars, {"X", "G", "SHIFT", "OUT"}, act, tb.CONFIG["num_warps"])
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]

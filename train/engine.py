@@ -25,7 +25,7 @@ from . import checkpoint as ckpt_mod
 from .common import (EMA, DistInfo, all_reduce_sum, autocast_factory, barrier, build_teacher, create_student,
                      init_distributed, lr_at, param_groups)
 from .data import ShardSampler, TrainSampler, build_datasets, make_loader
-from .flat_params import FlatParams, check_optimizer_state
+from .flat_params import FlatParams, check_optimizer_state, clear_grads
 from .graph_step import GraphedStep, check_supported
 from .losses import DistillationLoss, base_criterion
 from .logs import NullLogger, RunLogger
@@ -325,9 +325,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.flat is not None:
-            self.flat.zero_grad()
+        clear_grads(self.optimizer, self.flat)
         return nbad, nimages
 
     # ------------------------------------------------------------------------------------------- loop

@@ -70,6 +70,14 @@ class FlatParams:
                 p.grad = None
 
 
+def clear_grads(optimizer: torch.optim.Optimizer, flat: "FlatParams | None") -> None:
+    """Gradients to None for the optimizer's parameters and, with flat buffers, the model parameters behind
+    them (the one way the eager step, the captured step and the benchmarks clear gradients)."""
+    optimizer.zero_grad(set_to_none=True)
+    if flat is not None:
+        flat.zero_grad()
+
+
 def _memory_order(p: torch.Tensor):
     """The dims of p from outermost to innermost in memory (by decreasing stride): p.permute(order) is
     contiguous, so its reshape(-1) lists the elements as they lie in the buffer."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .flat_params import clear_grads
+
 
 def check_supported(cfg: dict, distributed: bool, device: torch.device, amp: str) -> None:
     """Raises ValueError listing every setting the graphed step cannot run with."""
@@ -93,9 +95,7 @@ class GraphedStep:
         return loss.detach(), gn.detach()
 
     def _zero_grad(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.flat is not None:
-            self.flat.zero_grad()
+        clear_grads(self.optimizer, self.flat)
 
     def _snapshot(self):
         weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -1,4 +1,4 @@
-"""A/B of the sixth and seventh sets of runs' training-step changes in one process each (run from the
+"""A/B of the sixth to eighth sets of runs' training-step changes in one process each (run from the
 repository root):
 
     for v in "1 1 1 0" "1 1 0 1" "0 0 0 0" "1 1 1 1"; do set -- $v
@@ -18,10 +18,11 @@ AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 
 AB_FASTACT the Triton kernels' GELU / SiLU from ops/triton_act.py (0: the libdevice erf and tl.sigmoid
           forms they replaced, patched into the kernels' modules before anything compiles)
 AB_DGRAD  the conv's input gradient with the Triton stencil (ops/triton_dwconv.py CONFIG; 0: cuDNN dgrad)
+AB_BNRELU the stem's BatchNorm + ReLU in Triton (ops/batchnorm.py; 0: torch's BatchNorm2d and ReLU)
 AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre-activation was
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
-The in_proj's shared input cast (models/mixer.py) has no switch. Results: BENCHMARKS.md, sixth and
-seventh sets.
+The in_proj's shared input cast (models/mixer.py) has no switch. Results: BENCHMARKS.md, sixth to
+eighth sets (eighth: AB_BNRELU=0 / 1).
 """
 import contextlib
 import os
@@ -40,6 +41,9 @@ triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"
 triton_dwconv.CONFIG["wgrad"] = os.environ.get("AB_WGRAD", triton_dwconv.CONFIG["wgrad"])
 triton_dwconv.CONFIG["wgrad_kept"] = os.environ.get("AB_WGRAD_KEPT", triton_dwconv.CONFIG["wgrad_kept"])
+if os.environ.get("AB_BNRELU", "1") == "0":
+    import torch.nn.functional as F  # noqa: E402
+    layers.bn_relu = lambda bn, x: F.relu(bn(x), inplace=True)
 extra = [] if os.environ.get("AB_FLAT", "1") == "1" else ["--no-flat-params"]
 
 if os.environ.get("AB_FASTACT", "1") == "0":

@@ -1,5 +1,7 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm, the depthwise conv + activation and a Linear with padded GEMMs."""
+(gated) LayerNorm, the depthwise conv + activation, a Linear with padded GEMMs and the stem's BatchNorm +
+ReLU."""
+from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import linear
 from .modulation import layernorm_pool, modulate_layernorm
@@ -12,6 +14,7 @@ register_native_ops()
 
 __all__ = [
     "GROUPS",
+    "bn_relu",
     "check_scan_inputs",
     "dwconv_act",
     "group_layer_norm",

@@ -7,15 +7,17 @@ rows of 348 bf16 values are 696 bytes, not a multiple of 16, so cuBLAS cannot us
 tensor-memory loads and falls back to sm_80 kernels. On an H200 (benchmarks/bench_gemm.py,
 GroupMamba-T, B=128) the stage-3 Linears of a training step took 14.2 ms of GEMMs, 4.7 ms padded to 352.
 
-How: x, weight and bias are cast and zero-padded with ordinary (autograd-tracked) torch ops and the first
-N columns of the padded product are returned (a strided view, no copy); autograd slices and pads the
-gradients itself.
+How: an autograd.Function (_PaddedLinear) casts and zero-pads x, weight and bias (one copy each), returns
+the first N columns of the padded product (a strided view, no copy), and in the backward pads the
+incoming gradient once and returns the K columns of the padded dgrad as a view. A Triton GEMM reading the
+unpadded rows directly (no copies at all) was tried and was slower than cuBLAS on the padded copies
+(BENCHMARKS.md, eighth set).
 
-Also under capture only: a Linear whose bias needs a gradient runs as a small autograd.Function whose
-backward sums that gradient with triton_colsum.column_sum instead of torch's reduction
-(``CONFIG["column_sum_bias"]``).
+Also under capture only: a Linear whose bias needs a gradient runs as the same Function (nothing to pad
+when the widths are aligned), whose backward sums that gradient with triton_colsum.column_sum instead of
+torch's reduction (``CONFIG["column_sum_bias"]``).
 
-Why only under graph capture: the padding is ~6 more torch ops per call, ~100 us of host time, and an
+Why only under graph capture: the padding is several more torch ops per call, ~100 us of host time, and an
 eager GroupMamba step is already bound by host time (on the H200, a T training step takes ~85 ms on the
 device and ~230 ms eagerly). A first version padded in eager mode too, inside a custom autograd.Function:
 eager inference fell from ~5600 to 3470 img/s while the CUDA-graph step got faster (BENCHMARKS.md).
@@ -25,6 +27,8 @@ Elsewhere (eager, CPU, float32 / float64 without autocast, aligned widths, under
 pads GEMMs itself, GROUPMAMBA_FORCE_REFERENCE=1): F.linear itself.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,24 +43,81 @@ except Exception:  # noqa: BLE001
 
 ALIGN = 8   # elements: 16 bytes of bf16 / fp16
 _PADDED_DTYPES = (torch.bfloat16, torch.float16)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"   # column_sum then runs on CPU tensors (tests)
 
 
 def _pad_to(n: int, align: int = ALIGN) -> int:
     return -(-n // align) * align
 
 
+def _pad_2d(t: torch.Tensor, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """t (R, C) in ``dtype``, zero-padded to (rows, cols) and contiguous: one copy kernel (plus a small fill
+    of the padding), or t itself when it already is all that."""
+    R, C = t.shape
+    if (R, C) == (rows, cols):
+        return t.to(dtype, memory_format=torch.contiguous_format)
+    out = t.new_empty(rows, cols, dtype=dtype)
+    if cols > C:
+        out[:, C:].zero_()
+    if rows > R:
+        out[R:, :C].zero_()
+    out[:R, :C].copy_(t)
+    return out
+
+
+def _column_sum(g: torch.Tensor) -> torch.Tensor:
+    if CONFIG["column_sum_bias"] and column_sum is not None and (g.is_cuda or _INTERPRET):
+        return column_sum(g)
+    return g.sum(0, dtype=torch.float32 if g.dtype in _PADDED_DTYPES else g.dtype)
+
+
+class _PaddedLinear(torch.autograd.Function):
+    """F.linear(x, weight, bias) computed in ``dtype`` with K and N zero-padded to multiples of ``align``.
+
+    Forward: x, weight and bias are cast and padded (one copy each), the padded product runs in cuBLAS, and
+    the (..., N) view of its (..., Np) result is returned (no copy). Backward: the incoming gradient is
+    padded (one copy), dgrad and wgrad run padded, the bias gradient is a column sum of the padded
+    gradient (triton_colsum), and the x gradient is the (..., K) view of the padded dgrad. Gradients come
+    back in the inputs' dtypes, as autocast's casts would return them.
+
+    Done with plain autograd-tracked ops (F.pad, slicing) this cost about 2.5x the copies: F.pad writes
+    its whole output twice (fill, then copy), the slice's backward likewise, and every cast and pad of
+    the weight and bias is a kernel of its own forward and backward (BENCHMARKS.md, eighth set)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype, align):
+        N, K = weight.shape
+        Kp, Np = _pad_to(K, align), _pad_to(N, align)
+        x2 = x.reshape(-1, K)
+        xp = _pad_2d(x2, x2.shape[0], Kp, dtype)
+        wp = _pad_2d(weight, Np, Kp, dtype)
+        bp = None if bias is None else _pad_2d(bias[None], 1, Np, dtype)[0]
+        yp = F.linear(xp, wp, bp)
+        ctx.save_for_backward(xp, wp)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return yp[:, :N].view(*x.shape[:-1], N)
+
+    @staticmethod
+    def backward(ctx, g):
+        xp, wp = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype, b_dtype = ctx.meta
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        Np, Kp = wp.shape
+        K = x_shape[-1]
+        g2 = g.reshape(-1, g.shape[-1])
+        N = g2.shape[1]
+        gp = _pad_2d(g2, g2.shape[0], Np, wp.dtype)
+        gx = (gp @ wp)[:, :K].view(x_shape).to(x_dtype) if need_x else None
+        gw = (gp.t() @ xp)[:N, :K].to(w_dtype) if need_w else None
+        gb = _column_sum(gp)[:N].to(b_dtype) if need_b and b_dtype is not None else None
+        return gx, gw, gb, None, None
+
+
 def linear_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-                  align: int = ALIGN, fn=F.linear) -> torch.Tensor:
+                  align: int = ALIGN) -> torch.Tensor:
     """x @ weight^T + bias in ``dtype`` with K and N zero-padded to multiples of ``align``; the result is
-    the (..., N) view of the (..., Np) product. ``fn`` runs the padded product (F.linear's signature)."""
-    N, K = weight.shape
-    Kp, Np = _pad_to(K, align), _pad_to(N, align)
-    pad = lambda t, p: t if not any(p) else F.pad(t, p)  # noqa: E731  (no copy when nothing to pad)
-    xp = pad(x.to(dtype), (0, Kp - K))
-    wp = pad(weight.to(dtype), (0, Kp - K, 0, Np - N))
-    bp = None if bias is None else pad(bias.to(dtype), (0, Np - N))
-    out = fn(xp, wp, bp)
-    return out if Np == N else out[..., :N]
+    the (..., N) view of the (..., Np) product (see _PaddedLinear)."""
+    return _PaddedLinear.apply(x, weight, bias, dtype, align)
 
 
 def padded_dtype(x: torch.Tensor, weight: torch.Tensor):
@@ -70,28 +131,6 @@ def padded_dtype(x: torch.Tensor, weight: torch.Tensor):
     return dt
 
 
-class _LinearColumnSumBias(torch.autograd.Function):
-    """F.linear on operands already in the compute dtype, whose backward sums the bias gradient with
-    triton_colsum.column_sum instead of torch's reduction (1.0-3.3x faster at GroupMamba's widths on an
-    H200, BENCHMARKS.md "Linear layers"). The weight and input gradients are the same two GEMMs autograd
-    runs for F.linear."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        need_x, need_w, need_b = ctx.needs_input_grad
-        gx = (g2 @ weight).view(*g.shape[:-1], weight.shape[1]) if need_x else None
-        gw = g2.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
-        gb = column_sum(g2).to(g.dtype) if need_b else None
-        return gx, gw, gb
-
-
 # The column-sum bias gradient applies inside CUDA graph captures only, like the padding: as a
 # custom Function it costs host time per call that an eager step cannot spare (BENCHMARKS.md).
 CONFIG = {"column_sum_bias": True}
@@ -100,10 +139,11 @@ CONFIG = {"column_sum_bias": True}
 def _captured_linear(x, weight, bias):
     pad_dt = padded_dtype(x, weight)
     dt = pad_dt or autocast_dtype(x) or x.dtype
-    if (CONFIG["column_sum_bias"] and column_sum is not None and bias is not None and bias.requires_grad
-            and torch.is_grad_enabled() and weight.dim() == 2 and dt in _PADDED_DTYPES):
-        return linear_padded(x, weight, bias, dt, ALIGN if pad_dt else 1, _LinearColumnSumBias.apply)
-    return F.linear(x, weight, bias) if pad_dt is None else linear_padded(x, weight, bias, pad_dt)
+    if pad_dt is not None or (CONFIG["column_sum_bias"] and column_sum is not None and bias is not None
+                              and bias.requires_grad and torch.is_grad_enabled() and weight.dim() == 2
+                              and dt in _PADDED_DTYPES):
+        return linear_padded(x, weight, bias, dt, ALIGN if pad_dt else 1)
+    return F.linear(x, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
