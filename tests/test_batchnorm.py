@@ -109,6 +109,12 @@ def test_batch_norm_relu_rejects_bad_input():
     w, b, rm, rv = torch.ones(4), torch.zeros(4), torch.zeros(4), torch.ones(4)
     with pytest.raises(ValueError, match="channels_last"):
         TB.batch_norm_relu(torch.zeros(2, 4, 3, 3), w, b, rm, rv, True, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="empty"):
+        TB.batch_norm_relu(torch.zeros(0, 4, 3, 3).contiguous(memory_format=torch.channels_last), w, b, rm, rv,
+                           False, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        TB.batch_norm_relu(torch.zeros(1, 4, 2, 2).contiguous(memory_format=torch.channels_last), w, b, None, None,
+                           False, 0.1, 1e-5)
     with pytest.raises(ValueError, match="more than one value per channel"):
         TB.batch_norm_relu(torch.zeros(1, 4, 1, 1).contiguous(memory_format=torch.channels_last), w, b, rm, rv,
                            True, 0.1, 1e-5)

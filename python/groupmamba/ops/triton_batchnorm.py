@@ -119,7 +119,7 @@ def _sums(x2, g2, shift, stats, weight, bias, backward: bool):
 def _apply(x2, g2, out, mean, rstd, weight, bias, sums, backward: bool):
     R, C = x2.shape
     block_r = CONFIG["apply_block_r"]
-    s = sums if sums is not None else mean[None].expand(2, C)
+    s = sums if sums is not None else mean[None].expand(2, C)   # the forward reads no sums: any pointer
     _bn_apply[(triton.cdiv(R, block_r),)](x2, x2 if g2 is None else g2, out, mean, rstd, weight, bias, s[0], s[1],
                                           R, 1.0 / max(R, 1), C=C, BACKWARD=backward, BLOCK_R=block_r,
                                           BLOCK_C=triton.next_power_of_2(C), num_warps=CONFIG["num_warps"])
@@ -171,6 +171,10 @@ def batch_norm_relu(x, weight, bias, running_mean, running_var, training: bool, 
     if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"batch_norm_relu: x must be a channels_last (B, C, H, W) map, got shape {tuple(x.shape)} "
                          f"and strides {x.stride()}")
-    if x.numel() == 0 or (training and x.numel() // x.shape[1] < 2):
+    if x.numel() == 0:
+        raise ValueError(f"batch_norm_relu: x is empty (shape {tuple(x.shape)})")
+    if training and x.numel() // x.shape[1] < 2:
         raise ValueError(f"batch_norm_relu: training needs more than one value per channel, got shape {tuple(x.shape)}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("batch_norm_relu: eval mode needs running_mean and running_var")
     return _BatchNormReLU.apply(x, weight, bias, running_mean, running_var, training, momentum, eps)
