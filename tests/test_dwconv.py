@@ -233,11 +233,11 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32):
     from torch.utils.checkpoint import checkpoint
 
     defaults = dict(td.CONFIG)
-    # per conv pass (keep_pre, an input-gradient pass: zero bias over the output gradient); per weight-
+    # per conv pass (keep_pre, an input-gradient pass: no bias, over the output gradient); per weight-
     # gradient pass ("wgrad", its activation: "gelu" when it applies the derivative itself)
     calls = []
     conv, conv_grads = td._conv, td._conv_grads
-    td._conv = lambda *a, **k: calls.append((k.get("keep_pre", False), bool((a[2] == 0).all()))) or conv(*a, **k)
+    td._conv = lambda *a, **k: calls.append((k.get("keep_pre", False), a[2] is None)) or conv(*a, **k)
     td._conv_grads = lambda *a: calls.append(("wgrad", a[4])) or conv_grads(*a)
     ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
     fwd, recompute, kept, dx_pass = (False, False), (False, False), (True, False), (False, True)

@@ -77,8 +77,10 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
     block_h, block_c, num_warps = td.tiles(H, C)
     kernel, ints = td._dwconv_fwd, ("H", "W", "C", "NHB")
-    for keep_pre in (False, True):
-        consts = dict(ACT=td.ACTS[fn], STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c)
+    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias)
+    for act_code, keep_pre, dx_pass in ((td.ACTS[fn], False, False), (td.ACTS[fn], True, False), (0, False, True)):
+        consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, HAS_BIAS=not dx_pass,
+                      FLIP_TAPS=dx_pass)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g

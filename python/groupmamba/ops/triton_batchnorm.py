@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_colsum import split_rows
+
 # rows per tile; about how many programs the sums launch (each sums a contiguous block of rows)
 CONFIG = {"block_r": 64, "programs": 1024, "num_warps": 4, "apply_block_r": 128}
 
@@ -105,8 +107,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def _sums(x2, g2, shift, stats, weight, bias, backward: bool):
     R, C = x2.shape
     block_r = CONFIG["block_r"]
-    rows = triton.cdiv(triton.cdiv(R, max(1, min(CONFIG["programs"], triton.cdiv(R, block_r)))), block_r) * block_r
-    progs = triton.cdiv(R, rows)
+    rows, progs = split_rows(R, block_r, CONFIG["programs"])
     p = torch.empty(2, progs, C, device=x2.device, dtype=torch.float32)
     mean, rstd = stats if stats is not None else (p, p)
     _bn_sums[(progs,)](x2, x2 if g2 is None else g2, x2 if shift is None else shift, mean, rstd,

@@ -54,6 +54,14 @@ def _colsum_partial(G, P, M, N, ROWS, PRE, GPRE, ACT: tl.constexpr, BLOCK_M: tl.
     tl.store(P + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
+def split_rows(M: int, block: int, programs: int):
+    """(rows per program, a multiple of ``block``; how many programs) to spread M rows over about
+    ``programs`` programs (at least one, at most one per block)."""
+    target = max(1, min(triton.cdiv(M, block), programs))
+    rows = triton.cdiv(triton.cdiv(M, target), block) * block
+    return rows, triton.cdiv(M, rows)
+
+
 def column_sum(g: torch.Tensor) -> torch.Tensor:
     """g (M, N) contiguous -> (N,) float32 sums over the rows."""
     if g.dim() != 2:
@@ -76,9 +84,7 @@ def _column_sums(g, pre, gpre, act: int, op: str):
         return torch.zeros(N, device=g.device, dtype=torch.float32)
     bm, bn = CONFIG["block_m"], CONFIG["block_n"]
     n_blocks = triton.cdiv(N, bn)
-    target = max(1, min(triton.cdiv(M, bm), CONFIG["programs"] // n_blocks))   # row blocks wanted
-    rows = triton.cdiv(triton.cdiv(M, target), bm) * bm                        # rows per block
-    progs_m = triton.cdiv(M, rows)
+    rows, progs_m = split_rows(M, bm, CONFIG["programs"] // n_blocks)
     if rows * N >= 2 ** 31:
         raise ValueError(f"{op}: a block of {rows} rows x {N} columns needs 64-bit offsets")
     partial = torch.empty(progs_m, N, device=g.device, dtype=torch.float32)

@@ -119,22 +119,30 @@ def _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w, W, C):
 
 
 @triton.jit
-def _tap(WT, k, C, cs, cok):
-    return tl.load(WT + k * C + cs, mask=cok, other=0.0)[None, :]
+def _tap(WT, k: tl.constexpr, C, cs, cok, FLIP: tl.constexpr):
+    return tl.load(WT + (8 - k if FLIP else k) * C + cs, mask=cok, other=0.0)[None, :]
 
 
 @triton.jit
-def _taps_bias(WT, Bias, C, cs, cok):
-    """The nine taps and the bias of channels cs, as fp32 rows."""
-    return (_tap(WT, 0, C, cs, cok), _tap(WT, 1, C, cs, cok), _tap(WT, 2, C, cs, cok),
-            _tap(WT, 3, C, cs, cok), _tap(WT, 4, C, cs, cok), _tap(WT, 5, C, cs, cok),
-            _tap(WT, 6, C, cs, cok), _tap(WT, 7, C, cs, cok), _tap(WT, 8, C, cs, cok),
-            tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :])
+def _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS: tl.constexpr = True, FLIP: tl.constexpr = False):
+    """The nine taps and the bias of channels cs, as fp32 rows. FLIP: the taps rotated by 180 degrees (tap k
+    read from row 8 - k); no HAS_BIAS: a zero bias."""
+    taps = (_tap(WT, 0, C, cs, cok, FLIP), _tap(WT, 1, C, cs, cok, FLIP), _tap(WT, 2, C, cs, cok, FLIP),
+            _tap(WT, 3, C, cs, cok, FLIP), _tap(WT, 4, C, cs, cok, FLIP), _tap(WT, 5, C, cs, cok, FLIP),
+            _tap(WT, 6, C, cs, cok, FLIP), _tap(WT, 7, C, cs, cok, FLIP), _tap(WT, 8, C, cs, cok, FLIP))
+    if HAS_BIAS:
+        bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
+    else:
+        bias = tl.zeros_like(taps[0])
+    return taps + (bias,)
 
 
 @triton.jit(do_not_specialize=["H", "W", "NHB"])
 def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr = True,
+                FLIP_TAPS: tl.constexpr = False):
+    """act(conv + bias) for a tile of BLOCK_H rows x BLOCK_C channels; see the module docstring. FLIP_TAPS
+    and no HAS_BIAS: the backward's dx pass (the taps rotated by 180 degrees, no bias)."""
     pid = tl.program_id(0)
     b = pid // NHB
     hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -144,7 +152,7 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
     image = b.to(tl.int64) * H * W * C      # 64-bit offset of image b (x and out alike)
     img = X + image
     off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
-    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok)
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS, FLIP_TAPS)
     # window: columns w-1 (a*) and w (b*) of the three input rows; column -1 is padding. The loop
     # is unrolled by three so the window's roles rotate statically instead of by register moves.
     au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
@@ -247,16 +255,18 @@ def _check_size(x):
                          "(32-bit offsets inside one image); split the image")
 
 
-def _conv(x, taps, bias, act: str, keep_pre: bool = False):
-    """act(conv(x) + bias); with keep_pre, (that, the pre-activation conv(x) + bias) from one pass."""
+def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = False):
+    """act(conv(x) + bias); with keep_pre, (that, the pre-activation conv(x) + bias) from one pass.
+    bias None: no bias; flip_taps: the taps rotated by 180 degrees (read in reverse, no copy)."""
     B, H, W, C = x.shape
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
     if out.numel():
         bh, bc, nw = tiles(H, C)
         nhb = triton.cdiv(H, bh)
-        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, bias, out, pre, H, W, C, nhb, ACT=ACTS[act],
-                                                   STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
+        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, H, W, C, nhb,
+                                                   ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc,
+                                                   HAS_BIAS=bias is not None, FLIP_TAPS=flip_taps, num_warps=nw)
     return (out, pre) if keep_pre else out
 
 
@@ -291,21 +301,6 @@ def keep_preactivation():
         yield
     finally:
         _keep.on = prev
-
-
-_ZEROS = {}
-
-
-def _zeros(C, device):
-    """An fp32 zero bias of length C for the dx pass, cached (no allocation per call) unless made during a
-    CUDA graph capture: there torch.zeros is only recorded, and eager calls must not see it unfilled."""
-    key = (C, device)
-    if key not in _ZEROS:
-        zeros = torch.zeros(C, device=device, dtype=torch.float32)
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return zeros
-        _ZEROS[key] = zeros
-    return _ZEROS[key]
 
 
 def _taps(weight):
@@ -365,7 +360,7 @@ class DWConvAct(torch.autograd.Function):
         want_dx = ctx.needs_input_grad[0]
         if want_dx and CONFIG["triton_dgrad"]:
             # dx is the same stencil over gpre with the taps rotated by 180 degrees, no bias
-            dx = _conv(gpre, taps.flip(0), _zeros(C, x.device), "none")
+            dx = _conv(gpre, taps, None, "none", flip_taps=True)
             want_dx = False
         if want_dx or (method == "cudnn" and ctx.needs_input_grad[1]):
             nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
