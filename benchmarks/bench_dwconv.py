@@ -3,8 +3,8 @@
     python benchmarks/bench_dwconv.py [--batch 128] [--dtype bf16] [--sweep] [--backward]
 
 Shapes: every dwconv of GroupMamba-T at B=128 (the mixer conv, C = 4*d, SiLU; the FFN conv, C = hidden,
-GELU). Device time: CUDA-graph replays (benchutil.capture_graph), median. Bytes counted: the forward
-reads x and writes y (2 passes); forward + backward adds the backward's minimum (read x and grad_y,
+GELU), and GroupMamba-B's stage-1 and stage-3 FFN convs. Device time: CUDA-graph replays
+(benchutil.capture_graph), median. Bytes counted: the forward reads x and writes y (2 passes); forward + backward adds the backward's minimum (read x and grad_y,
 write grad_x: 3 passes), against the device-to-device copy bandwidth measured in the same run. torch =
 F.conv2d (channels_last, cuDNN) + activation, autograd for the backward, with the weights cast to x's
 dtype as autocast does. The fused backward recomputes the forward with the Triton kernel and then runs
@@ -26,10 +26,12 @@ from groupmamba.ops import triton_dwconv as td
 
 from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_report
 
-# (H=W, C, act): GroupMamba-T stages, mixer conv then FFN conv
+# (H=W, C, act): GroupMamba-T stages, mixer conv then FFN conv; then GroupMamba-B's FFN convs at stages 1 and 3
 SHAPES = [(56, 64, "silu"), (56, 512, "gelu"), (28, 128, "silu"), (28, 1024, "gelu"),
-          (14, 348, "silu"), (14, 1392, "gelu"), (7, 448, "silu"), (7, 1792, "gelu")]
-FWD_CONFIGS = [(4, 128, 4), (2, 128, 4), (8, 64, 4), (2, 64, 2), (4, 256, 8)]  # (block_h, block_c, num_warps)
+          (14, 348, "silu"), (14, 1392, "gelu"), (7, 448, "silu"), (7, 1792, "gelu"),
+          (56, 768, "gelu"), (14, 1696, "gelu")]
+FWD_CONFIGS = [(4, 128, 4), (2, 128, 4), (8, 64, 4), (2, 64, 2), (4, 256, 8), (4, 128, 8), (2, 128, 2)]
+# (block_h, block_c, num_warps)
 # backward variants: (name, triton_dwconv.CONFIG overrides, forward under keep_preactivation, as ConvFFN's
 # checkpoint recompute runs it); the shipped settings first for each of the two cases
 BACKWARDS = [("fused", {}, False), ("fused, 2-row tiles", {"block_h": 2}, False), ("split", {"wgrad": "split"}, False),

@@ -1,6 +1,6 @@
 """Channel modulation: fused Triton kernels vs the unfused torch reference, forward and forward+backward.
 
-    python benchmarks/bench_modulation.py [--batch 128] [--dtypes fp32,bf16,fp16] [--sweep]
+    python benchmarks/bench_modulation.py [--batch 128] [--dtypes fp32,bf16,fp16] [--stages T|B] [--sweep] [--sweep-bwd]
 
 Per GroupMamba-T stage (L, C) and dtype, the chain timed is the layer's:
     xn, pooled = layernorm_pool(x); s = sigmoid(pooled); out = modulate_layernorm(y, xn, s, skip)
@@ -26,7 +26,8 @@ from groupmamba.ops import modulation as M  # noqa: E402  (installed, or PYTHONP
 
 from benchutil import copy_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
 
-STAGES = [(3136, 64), (784, 128), (196, 348), (49, 448)]
+STAGES = [(3136, 64), (784, 128), (196, 348), (49, 448)]               # GroupMamba-T (and -S)
+STAGES_B = [(3136, 96), (784, 192), (196, 424), (49, 512)]             # GroupMamba-B
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EPS = 1e-5
 
@@ -101,6 +102,8 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
     ap.add_argument("--sweep", action="store_true", help="also sweep the tile size (elements per program), bf16")
+    ap.add_argument("--sweep-bwd", action="store_true", help="also sweep the backward's tile size alone, bf16")
+    ap.add_argument("--stages", default="T", choices=("T", "B"), help="GroupMamba-T/S or -B stage shapes")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
     assert M.triton_available(), f"Triton kernels unavailable: {M._TRITON_ERROR}"
@@ -114,10 +117,11 @@ def main():
     fused = (M.layernorm_pool_fused, M.modulate_layernorm_fused)
     ref = (M.layernorm_pool_reference, M.modulate_layernorm_reference)
     B = args.batch
+    stages = STAGES if args.stages == "T" else STAGES_B
     rows = []
     for dname in args.dtypes.split(","):
         dt = DTYPES[dname]
-        for L, C in STAGES:
+        for L, C in stages:
             f = bench_case(B, L, C, dt, fused, graph=True, library_ops=True)
             r = bench_case(B, L, C, dt, ref, graph=True)
             gbs = min_bytes(B, L, C, dt, True) / (f["fwdbwd_graph"] * 1e-3) / 1e9
@@ -146,10 +150,25 @@ def main():
         table += ["", "Tile sweep (bf16, fwd+bwd graph replay, us): elements per program (fwd = bwd)", "",
                   "| L | C | " + " | ".join(str(e) for e in (2048, 4096, 8192)) + " |", "|---|---|---|---|---|"]
         saved = dict(M._tm.CONFIG)
-        for L, C in STAGES:
+        for L, C in stages:
             ts = []
             for e in (2048, 4096, 8192):
                 M._tm.CONFIG.update(fwd_elems=e, bwd_elems=e)
+                ts.append(bench_case(B, L, C, torch.bfloat16, fused, graph=True, eager=False)["fwdbwd_graph"] * 1e3)
+            M._tm.CONFIG.update(saved)
+            line = f"| {L} | {C} | " + " | ".join(f"{t:.0f}" for t in ts) + " |"
+            print(line, flush=True)
+            table.append(line)
+    if args.sweep_bwd:
+        sizes = (1024, 2048, 4096, 8192)
+        table += ["", "Backward tile sweep (bf16, fwd+bwd graph replay, us; forward at its default tiles): elements "
+                  "per program of the backward kernels", "",
+                  "| L | C | " + " | ".join(str(e) for e in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+        saved = dict(M._tm.CONFIG)
+        for L, C in stages:
+            ts = []
+            for e in sizes:
+                M._tm.CONFIG.update(bwd_elems=e)
                 ts.append(bench_case(B, L, C, torch.bfloat16, fused, graph=True, eager=False)["fwdbwd_graph"] * 1e3)
             M._tm.CONFIG.update(saved)
             line = f"| {L} | {C} | " + " | ".join(f"{t:.0f}" for t in ts) + " |"

@@ -14,6 +14,7 @@ from timm.layers import trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from groupmamba.ops import bn_relu, dwconv_act, group_layer_norm, keep_preactivation, linear
+from groupmamba.ops.fast_linear import outputs_unused
 from groupmamba.ops._util import autocast_dtype
 
 
@@ -109,10 +110,18 @@ class DWConv(nn.Module):
         return map_to_tokens(self.dwconv(tokens_to_map(x, H, W)))
 
 
-def _keep_preactivation_in_recompute():
-    """checkpoint context_fn: the recompute (run just before the tail's backward) keeps the conv's
-    pre-activation for dwconv_act's backward, which then skips a third pass of the conv."""
-    return contextlib.nullcontext(), keep_preactivation()
+@contextlib.contextmanager
+def _tail_recompute():
+    """The FFN tail's checkpoint recompute (run just before the tail's backward) keeps the conv's
+    pre-activation for dwconv_act's backward, which then skips a third pass of the conv, and skips fc2's
+    GEMM where fc2 runs as the padded Function (CUDA-graph capture): the recompute only has to rebuild
+    fc2's saved input, its output is thrown away."""
+    with keep_preactivation(), outputs_unused():
+        yield
+
+
+def _recompute_context():
+    return contextlib.nullcontext(), _tail_recompute()
 
 
 class ConvFFN(nn.Module):
@@ -123,7 +132,8 @@ class ConvFFN(nn.Module):
     conv output, GELU output). The hidden layer is mlp_ratio (4-8) times wider than the block, so this
     is the largest activation of the model; the price is re-running the conv, GELU and fc2 forward.
     The recompute keeps the conv's pre-activation (ops.keep_preactivation), which the conv's backward
-    would otherwise recompute once more.
+    would otherwise recompute once more, and inside a CUDA graph capture skips fc2's GEMM (its output is
+    not needed, only its saved input; fast_linear.outputs_unused).
     """
 
     def __init__(self, dim: int, hidden_dim: int, recompute: bool = True):
@@ -144,7 +154,7 @@ class ConvFFN(nn.Module):
             if torch.compiler.is_compiling():
                 return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False)
             return checkpoint(self._tail, h, H, W, use_reentrant=False, preserve_rng_state=False,
-                              context_fn=_keep_preactivation_in_recompute)
+                              context_fn=_recompute_context)
         return self._tail(h, H, W)
 
     def _tail(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:

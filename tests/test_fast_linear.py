@@ -224,5 +224,28 @@ def test_padded_dtype_decides_which_gemms_pad():
         assert padded_dtype(torch.zeros(2, 348), w348) == torch.bfloat16
 
 
+def test_checkpoint_recompute_skips_padded_gemm():
+    """Under outputs_unused (ConvFFN's recompute context) the padded Function still saves its inputs but
+    runs no GEMM: a checkpointed act -> Linear gives the gradients of the plain one (float64, 1e-12) with
+    one F.linear call (the forward) instead of two (forward + recompute)."""
+    import contextlib
+    from unittest import mock
+
+    from torch.utils.checkpoint import checkpoint
+
+    inp = make(9, 22, 37, dtype=torch.float64, lead=(2,))
+    tail = lambda x, w, b: L.linear_padded(torch.tanh(x), w, b, torch.float64)  # noqa: E731
+    ref = run(tail, inp)
+    calls = {}
+    for skip in (False, True):
+        ctx = (lambda: (contextlib.nullcontext(), L.outputs_unused())) if skip else None
+        with mock.patch.object(L.F, "linear", wraps=F.linear) as spy:
+            res = run(lambda *a: checkpoint(tail, *a, use_reentrant=False, **({"context_fn": ctx} if ctx else {})),
+                      inp)
+        calls[skip] = spy.call_count
+        compare(res, ref, 1e-12, 1e-12, f"checkpointed, skip={skip}")
+    assert calls == {False: 2, True: 1}
+
+
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _interpret_checks()

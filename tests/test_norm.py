@@ -141,10 +141,10 @@ def _interpret_checks():
     from groupmamba.ops import triton_norm as tn
     saved = dict(tn.CONFIG)
     try:  # small tiles: many programs, a ragged last tile, weight partials over many programs
-        tn.CONFIG.update(elems=64)
+        tn.CONFIG.update(elems=64, bwd_elems=64)
         inp = make((3, 29, 40), 4, 10, True)
         compare(run(N.group_layer_norm_fused, inp), hand64(inp), 1e-5, 1e-4, "interpreter small tiles")
-        tn.CONFIG.update(elems=None, eager_library_ops=True)  # the torch.compile path, run eagerly
+        tn.CONFIG.update(elems=None, bwd_elems=None, eager_library_ops=True)  # the torch.compile path, run eagerly
         inp = make((2, 6, 348), 4, 87, True)
         compare(run(N.group_layer_norm_fused, inp), hand64(inp), 1e-5, 1e-4, "interpreter torch.library ops")
         inp = make((2, 6, 64), 1, 64, False)

@@ -2,6 +2,9 @@
 between the eager launch path and the torch.library ops that torch.compile traces."""
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 
 
@@ -31,3 +34,22 @@ def use_library_ops(config: dict) -> bool:
     """torch.library triton_ops under torch.compile (or when a test asks); autograd.Functions otherwise:
     the library dispatch costs ~100s of us per call on the host, more than these kernels take."""
     return config["eager_library_ops"] or torch.compiler.is_compiling()
+
+
+class ThreadFlag:
+    """A per-thread switch: true inside ``with flag.on():`` (nestable), false elsewhere."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return getattr(self._local, "on", False)
+
+    @contextlib.contextmanager
+    def on(self):
+        prev = bool(self)
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = prev

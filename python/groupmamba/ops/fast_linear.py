@@ -23,6 +23,10 @@ device and ~230 ms eagerly). A first version padded in eager mode too, inside a 
 eager inference fell from ~5600 to 3470 img/s while the CUDA-graph step got faster (BENCHMARKS.md).
 In a captured graph host work is free, so there the device time is what counts.
 
+``outputs_unused()``: inside it the padded Function skips its GEMM and returns an uninitialised result,
+keeping only what its backward saves. For an activation-checkpoint recompute whose Linear output is
+thrown away (ConvFFN's fc2: the recompute is there to rebuild fc2's saved input, not its output).
+
 Elsewhere (eager, CPU, float32 / float64 without autocast, aligned widths, under torch.compile, which
 pads GEMMs itself, GROUPMAMBA_FORCE_REFERENCE=1): F.linear itself.
 """
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ._util import autocast_dtype
+from ._util import ThreadFlag, autocast_dtype
 
 try:  # Triton is optional: without it, captured Linears keep torch's bias-gradient reduction
     from .triton_colsum import column_sum
@@ -71,6 +75,16 @@ def _column_sum(g: torch.Tensor) -> torch.Tensor:
     return g.sum(0, dtype=torch.float32 if g.dtype in _PADDED_DTYPES else g.dtype)
 
 
+_UNUSED = ThreadFlag()
+
+
+def outputs_unused():
+    """Context manager: inside it a captured Linear that runs as _PaddedLinear saves its padded inputs for
+    the backward but does not compute its result (returned uninitialised). Only for a checkpoint recompute
+    whose Linear outputs nobody reads; the saved tensors are the same as in the original forward."""
+    return _UNUSED.on()
+
+
 class _PaddedLinear(torch.autograd.Function):
     """F.linear(x, weight, bias) computed in ``dtype`` with K and N zero-padded to multiples of ``align``.
 
@@ -94,7 +108,10 @@ class _PaddedLinear(torch.autograd.Function):
         xp = _pad_2d(x2, x2.shape[0], Kp, dtype)
         wp = _pad_2d(weight, Np, Kp, dtype)
         bp = None if bias is None else _pad_2d(bias[None], 1, Np, dtype)[0]
-        yp = F.linear(xp, wp, bp)
+        if _UNUSED:   # a recompute that only needs the saved xp, wp
+            yp = xp.new_empty(xp.shape[0], Np)
+        else:
+            yp = F.linear(xp, wp, bp)
         ctx.save_for_backward(xp, wp)
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return yp[:, :N].view(*x.shape[:-1], N)

@@ -35,13 +35,11 @@ between machines), and the Triton dx pass is what moved the step (BENCHMARKS.md,
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 import triton
 import triton.language as tl
 
+from ._util import ThreadFlag
 from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
@@ -153,26 +151,33 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PR
     img = X + image
     off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
     t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS, FLIP_TAPS)
-    # window: columns w-1 (a*) and w (b*) of the three input rows; column -1 is padding. The loop
-    # is unrolled by three so the window's roles rotate statically instead of by register moves.
+    # window: columns w-1 (a*), w (b*) and w+1 (c*) of the three input rows; column -1 is padding. Each
+    # iteration first issues the loads of the next three columns (d*, e*, f*), then computes and stores
+    # its three output columns: output w needs no new column, so its arithmetic and store overlap the nine
+    # loads in flight. (Loads placed after a store cannot be hoisted above it by the compiler, which must
+    # assume that OUT and X may alias: loading each column right before its use left three loads per warp
+    # in flight, and the kernel latency-bound.) The loop is unrolled by three so the window's roles rotate
+    # statically instead of by register moves.
     au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     am = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     ad = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C)
+    cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 1, W, C)
     obase = OUT + image
     pbase = PRE + image
     for w in range(0, W, 3):
-        cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 1, W, C)
+        du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
+        eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
+        fu, fm, fd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 4, W, C)
         _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                  au, bu, cu, am, bm, cm, ad, bd, cd, ACT, STORE_PRE)
-        du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
         _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                  bu, cu, du, bm, cm, dm, bd, cd, dd, ACT, STORE_PRE)
-        eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
         _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                  cu, du, eu, cm, dm, em, cd, dd, ed, ACT, STORE_PRE)
         au, am, ad = du, dm, dd
         bu, bm, bd = eu, em, ed
+        cu, cm, cd = fu, fm, fd
 
 
 @triton.jit
@@ -287,20 +292,14 @@ def _conv_grads(x, grad_out, taps, bias, act: str):
     return g, sums[:9], sums[9]
 
 
-_keep = threading.local()
+_KEEP = ThreadFlag()
 
 
-@contextlib.contextmanager
 def keep_preactivation():
-    """Inside this context DWConvAct saves the pre-activation for its backward instead of recomputing
-    it there. Meant for an activation-checkpoint recompute, whose saved tensors live only until the
-    backward that follows; elsewhere it would keep one more activation-sized tensor per call."""
-    prev = getattr(_keep, "on", False)
-    _keep.on = True
-    try:
-        yield
-    finally:
-        _keep.on = prev
+    """Context manager: inside it DWConvAct saves the pre-activation for its backward instead of
+    recomputing it there. Meant for an activation-checkpoint recompute, whose saved tensors live only until
+    the backward that follows; elsewhere it would keep one more activation-sized tensor per call."""
+    return _KEEP.on()
 
 
 def _taps(weight):
@@ -313,7 +312,7 @@ class DWConvAct(torch.autograd.Function):
         _check_size(x)
         ctx.act = act
         taps = _taps(weight)
-        if act != "none" and getattr(_keep, "on", False):
+        if act != "none" and _KEEP:
             out, pre = _conv(x, taps, bias, act, keep_pre=True)
         else:
             out, pre = _conv(x, taps, bias, act), x

@@ -32,10 +32,11 @@ NAMESPACE = "groupmamba_triton"
 CONFIG = {"fwd_elems": None, "bwd_elems": None, "eager_library_ops": False}
 
 
-def AUTO_ELEMS(block_c: int) -> int:
-    """Tile size by row width, from the sweep on an H200 (BENCHMARKS.md, bf16 B=128 fwd+bwd): 8192
-    beat 4096 and 2048 by 11-18% at C = 64, 128; 2048 beat 4096 by 23-33% at C = 348, 448."""
-    return 8192 if block_c <= 128 else 2048
+def AUTO_ELEMS(block_c: int, backward: bool = False) -> int:
+    """Tile size by row width, from sweeps on an H200 (BENCHMARKS.md, bf16 B=128 fwd+bwd): 8192
+    beat 4096 and 2048 by 11-18% at C = 64, 128; 2048 beat 4096 by 23-33% at C = 348, 448. The backward
+    at C = 192 (GroupMamba-B stage 2, 256 padded columns): 618 us with 8192 against 872 with 2048."""
+    return 8192 if block_c <= (256 if backward else 128) else 2048
 
 
 def _vec(C: int) -> int:
@@ -43,9 +44,9 @@ def _vec(C: int) -> int:
     return min(16, C & -C)
 
 
-def _tiles(L: int, C: int, elems: int | None):
+def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
     block_c = max(16, triton.next_power_of_2(C))
-    elems = elems or AUTO_ELEMS(block_c)
+    elems = elems or AUTO_ELEMS(block_c, backward)
     block_l = max(1, min(triton.next_power_of_2(L), elems // block_c))
     n_tiles = triton.cdiv(L, block_l)
     num_warps = 4 if block_l * block_c <= 2048 else 8
@@ -190,7 +191,7 @@ def _ln_pool_fwd_impl(x, weight, bias, eps, wrap):
 
 def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap):
     B, L, C = x.shape
-    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"])
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
     dx = torch.empty_like(x)
     wpart = torch.empty((2, B * T, C), device=x.device, dtype=torch.float32)   # dweight, dbias partials
     wrap(_ln_pool_bwd)[(B * T,)](
@@ -212,7 +213,7 @@ def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, wrap):
 
 def _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, wrap):
     B, L, C = y_all.shape
-    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"])
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
     dy = torch.empty_like(y_all)
     dxn = torch.empty_like(xn)
     qp = torch.empty((B, T, C), device=y_all.device, dtype=torch.float32)

@@ -8,8 +8,15 @@ one row per thread block and took 0.6-2.4 ms per call at T stage 1 (B=128) on an
     _gln_fwd   x [, z] -> out = (xhat * w + b) [* silu(z)], mean and rstd (fp32, per row and group)
     _gln_bwd   dout, x [, z], mean, rstd -> dx [, dz], per-program partials of dweight, dbias
 
-The backward recomputes xhat from the saved statistics; weight/bias partials (fp32, one (G, d) block
-per program) are reduced by a torch sum: deterministic, no atomics. All arithmetic is fp32.
+The backward recomputes xhat from the saved statistics; weight/bias partials (fp32, one (2, G, d) row per
+program) are reduced by triton_colsum.column_sum (eagerly; torch sums in the torch.library op):
+deterministic, no atomics. All arithmetic is fp32.
+Tiles (H200, benchmarks/bench_norm.py, B=128 at every GroupMamba-T and -B shape): the backward runs best
+with smaller tiles than the forward: 1024 elements per program for the gated group norm (2048 for rows of
+512 padded channels over >= 16384 rows), 8192 for a plain LayerNorm of <= 256 padded channels and 2048
+for wider ones. The forward's 4096-8192 had taken up to 2.6x longer (B stage 1, gate: 320 vs 125 us).
+The partials are reduced in one column_sum call (10-27 us) instead of two torch sums (16-29 us together,
+with the forward's fewer programs).
 Under torch.compile the ops are torch.library triton_ops (traceable); eagerly, an autograd.Function
 launches the same kernels with less host overhead.
 """
@@ -24,13 +31,23 @@ from torch.library import triton_op, wrap_triton
 
 from ._util import identity as _identity, use_library_ops
 from .triton_act import sigmoid, silu
+from .triton_colsum import column_sum
 
 NAMESPACE = "groupmamba_triton"
-CONFIG = {"elems": None, "eager_library_ops": False}
+CONFIG = {"elems": None, "bwd_elems": None, "eager_library_ops": False}
+
+
+def bwd_elems(M: int, G: int, d: int) -> int:
+    """Elements per program of the backward (module docstring: measured per shape class)."""
+    row = G * max(2, triton.next_power_of_2(d))
+    if G > 1:
+        return 2048 if row >= 512 and M >= 16384 else 1024
+    return 8192 if row <= 256 else 2048
 
 
 def tiles(M: int, G: int, d: int, elems: Optional[int] = None):
-    """(BLOCK_M, BLOCK_D, programs, num_warps) for M rows of G slices of d channels."""
+    """(BLOCK_M, BLOCK_D, programs, num_warps) for M rows of G slices of d channels; elems: elements per
+    program (default: the forward's)."""
     block_d = max(2, triton.next_power_of_2(d))
     row = G * block_d
     elems = elems or (8192 if row <= 128 else 4096)
@@ -73,8 +90,9 @@ def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.cons
 
 
 @triton.jit(do_not_specialize=["M"])
-def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, DWP, DBP, M, G: tl.constexpr, D: tl.constexpr,
+def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, G: tl.constexpr, D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr):
+    """dx [, dz] of a tile; PART[pid] = this tile's sums of g * xhat (dweight) and of g (dbias), (2, G, D)."""
     pid = tl.program_id(0)
     offs, mask, widx, wmask, sidx, smask = _tile(pid, M, G, D, BLOCK_M, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -97,9 +115,9 @@ def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, DWP, DBP, M, G: tl.constexpr
     c2 = tl.sum(dxhat, axis=2) / D
     dx = (dxhat - xhat * c1[:, :, None] - c2[:, :, None]) * rstd[:, :, None]
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-    poffs = pid.to(tl.int64) * (G * D) + widx
-    tl.store(DWP + poffs, tl.sum(g * xhat, axis=0), mask=wmask)
-    tl.store(DBP + poffs, tl.sum(g, axis=0), mask=wmask)
+    poffs = pid.to(tl.int64) * (2 * G * D) + widx
+    tl.store(PART + poffs, tl.sum(g * xhat, axis=0), mask=wmask)
+    tl.store(PART + G * D + poffs, tl.sum(g, axis=0), mask=wmask)
 
 
 def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
@@ -118,18 +136,23 @@ def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
 def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap):
     G, d = weight.shape
     M = x.numel() // (G * d)
-    bm, bd, P, nw = tiles(M, G, d, CONFIG["elems"])
+    bm, bd, P, nw = tiles(M, G, d, CONFIG["bwd_elems"] or bwd_elems(M, G, d))
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else dx
-    part = torch.empty((2, P, G, d), device=x.device, dtype=torch.float32)
+    part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
     if M > 0:
         wrap(_gln_bwd)[(P,)](grad_out, x, x if z is None else z, weight, bias, stats[0], stats[1], dx, dz,
-                             part[0], part[1], M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None,
-                             num_warps=nw)
+                             part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, num_warps=nw)
     else:
         part.zero_()
-    # two separate sums: the library op's outputs must not alias each other
-    return dx, (dz if z is not None else None), part[0].sum(0).to(weight.dtype), part[1].sum(0).to(bias.dtype)
+    if wrap is _identity:
+        sums = column_sum(part)
+        dw, db = sums[:G * d].view(G, d), sums[G * d:].view(G, d)
+    else:
+        # the torch.library op (traced by torch.compile: its kernels must go through wrap_triton) returns
+        # outputs that must not alias each other: two separate torch sums
+        dw, db = part[:, :G * d].sum(0).view(G, d), part[:, G * d:].sum(0).view(G, d)
+    return dx, (dz if z is not None else None), dw.to(weight.dtype), db.to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""The fused LayerNorms (triton_norm): achieved bandwidth at every GroupMamba-T and -B stage shape.
+
+    python benchmarks/bench_norm.py [--batch 128] [--models T,B]
+
+Two uses per block, as the model runs them under bf16 autocast (B=128, 224x224):
+  gate:  the mixer's per-group out_norm times SiLU(z): G=4 groups of d=C/4, x and z bf16, out bf16
+         bytes: forward reads x, z and writes out (6 per element); backward reads g, x, z and writes dx, dz (10)
+  norm2: the block's LayerNorm before the FFN: G=1, x the fp32 residual stream, out bf16
+         bytes: forward 4 + 2 per element; backward reads g (bf16) and x (fp32) and writes dx (fp32): 10
+(plus the fp32 mean / rstd per row and group). Device time of CUDA-graph replays, median; "bwd" is the
+kernel plus the weight / bias partial sums, as the training step runs it; "kernel" the backward kernel
+alone (at triton_norm.bwd_elems' tile size) and "sums" the partial sums alone (triton_colsum.column_sum);
+--elems also times the backward kernel at other tile sizes (elements per program). GB/s over the measured
+device-to-device copy bandwidth (read + write) of the same run. Input sets rotate so nothing runs from L2.
+The markdown table is printed and, if $OUT is set, written to $OUT/bench_norm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from groupmamba.ops import triton_norm as tn
+from groupmamba.ops._util import identity
+from groupmamba.ops.triton_colsum import column_sum
+
+from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_report
+
+MODELS = {"T": (64, 128, 348, 448), "S": (64, 128, 348, 448), "B": (96, 192, 424, 512)}
+TOKENS = (3136, 784, 196, 49)
+SETS_BYTES = 256 << 20   # rotate over enough input sets to exceed the 50 MB L2 several times
+
+
+def cases(batch, C, L):
+    M = batch * L
+    gate = dict(G=4, d=C // 4, M=M, x=torch.bfloat16, z=True, fwd_bytes=6, bwd_bytes=10)
+    norm2 = dict(G=1, d=C, M=M, x=torch.float32, z=False, fwd_bytes=6, bwd_bytes=10)
+    return (("gate", gate), ("norm2", norm2))
+
+
+def make_set(cfg):
+    G, d, M = cfg["G"], cfg["d"], cfg["M"]
+    x = torch.randn(M, G * d, device="cuda").to(cfg["x"])
+    z = torch.randn(M, G * d, device="cuda", dtype=torch.bfloat16) if cfg["z"] else None
+    w = 1 + 0.1 * torch.randn(G, d, device="cuda")
+    b = 0.1 * torch.randn(G, d, device="cuda")
+    g = torch.randn(M, G * d, device="cuda", dtype=torch.bfloat16)
+    _, stats = tn._fwd_impl(x, z, w, b, 1e-5, torch.bfloat16, True, identity)
+    return x, z, w, b, g, stats
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--models", default="T,B")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--elems", default="", help="comma list of tile sizes for the backward kernel sweep")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_norm: needs a CUDA device")
+        return 1
+    copy = copy_bandwidth_gbs()
+    lines = []
+    emit(lines, f"device: {device_name('cuda')} | torch {torch.__version__} | B={args.batch} | copy bandwidth "
+                f"{copy:.0f} GB/s (read + write)")
+    emit(lines, "")
+    sweep = [int(e) for e in args.elems.split(",") if e]
+    emit(lines, "| model | stage | C | use | G x d | fwd us | fwd GB/s | fwd % copy | bwd us | bwd GB/s | bwd % copy | "
+                "kernel us | sums us |" + "".join(f" kernel {e} |" for e in sweep))
+    emit(lines, "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(sweep))
+    for model in args.models.split(","):
+        for stage, (C, L) in enumerate(zip(MODELS[model], TOKENS), 1):
+            for use, cfg in cases(args.batch, C, L):
+                elems = cfg["M"] * C
+                n_sets = max(1, min(8, SETS_BYTES // (elems * 10)))
+                sets = [make_set(cfg) for _ in range(n_sets)]
+                state = {"i": 0}
+
+                def fwd():
+                    x, z, w, b, _, _ = sets[state["i"] % n_sets]
+                    state["i"] += 1
+                    tn._fwd_impl(x, z, w, b, 1e-5, torch.bfloat16, True, identity)
+
+                def bwd():
+                    x, z, w, b, g, stats = sets[state["i"] % n_sets]
+                    state["i"] += 1
+                    tn._bwd_impl(g, x, z, w, b, stats, identity)
+
+                def kernel(elems=None):
+                    x, z, w, b, g, stats = sets[state["i"] % n_sets]
+                    state["i"] += 1
+                    G, d = w.shape
+                    M = cfg["M"]
+                    bm, bd, P, nw = tn.tiles(M, G, d, elems or tn.bwd_elems(M, G, d))
+                    dx, dz = torch.empty_like(x), (torch.empty_like(z) if z is not None else None)
+                    part = torch.empty((P, 2 * G * d), device="cuda", dtype=torch.float32)
+                    tn._gln_bwd[(P,)](g, x, x if z is None else z, w, b, stats[0], stats[1], dx,
+                                      dx if dz is None else dz, part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd,
+                                      HAS_GATE=z is not None, num_warps=nw)
+                    return part
+
+                parts = [kernel() for _ in range(n_sets)]
+
+                def sums():
+                    part = parts[state["i"] % n_sets]
+                    state["i"] += 1
+                    column_sum(part)
+
+                # one graph replays every set once per call: time per call / n_sets
+                ms = lambda fn: graph_ms(lambda: [fn() for _ in range(n_sets)], args.iters) / n_sets  # noqa: E731
+                tf, tb, tk, ts = ms(fwd), ms(bwd), ms(kernel), ms(sums)
+                tsweep = [ms(lambda e=e: kernel(e)) for e in sweep]
+                gbf = cfg["fwd_bytes"] * elems / tf / 1e6
+                gbb = cfg["bwd_bytes"] * elems / tb / 1e6
+                emit(lines, f"| {model} | {stage} | {C} | {use} | {cfg['G']} x {cfg['d']} | {tf * 1e3:.1f} | {gbf:.0f} | "
+                            f"{100 * gbf / copy:.0f}% | {tb * 1e3:.1f} | {gbb:.0f} | {100 * gbb / copy:.0f}% | "
+                            f"{tk * 1e3:.1f} | {ts * 1e3:.1f} |" + "".join(f" {t * 1e3:.1f} |" for t in tsweep))
+                del sets, parts
+    write_report(os.environ.get("OUT"), "bench_norm.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
