@@ -162,7 +162,9 @@ class GroupMambaLayer(nn.Module):
         y = self._mix_fused(xmap) if self.fused else self._mix_unfused(xmap)
         y = y.reshape(B, L, C)
         if self.fused:
-            y = modulate_layernorm(y, xn, s, self.skip_scale, norm.weight, norm.bias, norm.eps)
+            # under autocast in the autocast dtype: proj's input cast would round the same
+            y = modulate_layernorm(y, xn, s, self.skip_scale, norm.weight, norm.bias, norm.eps,
+                                   out_dtype=autocast_dtype(y))
         else:
             y = norm(y * self.skip_scale * xn * s.unsqueeze(1))
         return self.proj(y)

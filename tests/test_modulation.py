@@ -109,6 +109,37 @@ def compare(res, ref, tol, tol_ln, what="", tol_skip=None):
         assert res[k].shape == ref[k].shape, (k, res[k].shape, ref[k].shape)
 
 
+def out_dtype_pair(modulate_layernorm, inp, device="cpu"):
+    """modulate_layernorm with the default (float32) result and with out_dtype=bfloat16, as the mixer calls
+    it under autocast (y in bf16, xn in float32), with the same cotangent (bf16-representable values):
+    returns (default results, bf16 results), each the output and the gradients of y, xn, s, skip, weight,
+    bias."""
+    y = inp["y"].to(torch.bfloat16)
+    xn = inp["x"].float()
+    g = inp["g_out"].to(torch.bfloat16)
+    runs = []
+    for out_dtype in (None, torch.bfloat16):
+        ts = [t.detach().clone().to(device).requires_grad_() for t in (y, xn, inp["s"], inp["skip"],
+                                                                        inp["weight"], inp["bias"])]
+        out = modulate_layernorm(*ts, EPS, out_dtype=out_dtype)
+        out.backward(g.to(device).to(out.dtype))
+        runs.append([out.detach()] + [t.grad for t in ts])
+    return runs
+
+
+def check_out_dtype_pair(default, low, exact_rounding: bool):
+    """The bf16 result is the float32 result rounded (bitwise where the store rounds to nearest as torch's
+    cast does; within one bf16 ulp under the interpreter, whose conversion truncates); the gradients are
+    bitwise equal: the kernel reads the bf16 cotangent as float32 either way."""
+    assert default[0].dtype == torch.float32 and low[0].dtype == torch.bfloat16
+    if exact_rounding:
+        assert torch.equal(low[0], default[0].to(torch.bfloat16))
+    else:
+        assert rel_err(low[0], default[0]) <= 1e-2
+    for a, b in zip(default[1:], low[1:]):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: references
 # ------------------------------------------------------------------------------------------------
@@ -134,6 +165,11 @@ def test_reference_keeps_activation_dtype():
     assert xn.dtype == pooled.dtype == out.dtype == torch.bfloat16
 
 
+def test_reference_out_dtype_is_the_rounded_result():
+    default, low = out_dtype_pair(M.modulate_layernorm, make_inputs(2, 7, 24))
+    check_out_dtype_pair(default, low, exact_rounding=True)
+
+
 def test_argument_errors():
     inp = make_inputs(2, 5, 8)
     x, w, b, y, s, k = (inp[n] for n in ("x", "weight", "bias", "y", "s", "skip"))
@@ -154,6 +190,8 @@ def test_argument_errors():
         M.modulate_layernorm(y, xn, s, torch.ones(2), w, b, EPS)
     with pytest.raises(TypeError, match="must be a tensor"):
         M.modulate_layernorm(y, xn, s, 1.0, w, b, EPS)
+    with pytest.raises(TypeError, match="out_dtype must be a floating-point"):
+        M.modulate_layernorm(y, xn, s, k, w, b, EPS, out_dtype=torch.int32)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="is on"):
             M.modulate_layernorm(y.cuda(), xn, s, k, w, b, EPS)
@@ -190,6 +228,14 @@ def _interpret_checks():
                 "interpreter torch.library ops")
     finally:
         tm.CONFIG["eager_library_ops"] = False
+    # out_dtype (the mixer's bf16 result under autocast), eagerly and through the torch.library ops
+    for library in (False, True):
+        tm.CONFIG["eager_library_ops"] = library
+        try:
+            check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm_fused, make_inputs(2, 9, 40)),
+                                 exact_rounding=False)
+        finally:
+            tm.CONFIG["eager_library_ops"] = False
     # small tiles: many tiles per batch, ragged last tile, partial sums over many programs
     saved = dict(tm.CONFIG)
     try:
@@ -199,7 +245,7 @@ def _interpret_checks():
                 "interpreter small tiles")
     finally:
         tm.CONFIG.update(saved)
-    print("interpreter checks passed:", len(INTERPRET_CASES) + 3)
+    print("interpreter checks passed:", len(INTERPRET_CASES) + 5)
 
 
 def test_triton_interpreter_cpu():
@@ -277,6 +323,14 @@ def test_gpu_non_contiguous():
     inp["s"] = inp["s"].t().contiguous().t()
     poison_cuda_cache()
     compare(run_chain(M.layernorm_pool, M.modulate_layernorm, inp), hand64(inp), 1e-5, 1e-4, "gpu non-contiguous")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,C", [(3136, 96), (196, 348)])
+def test_gpu_out_dtype_is_the_rounded_result(L, C):
+    inp = make_inputs(4, L, C)
+    poison_cuda_cache()
+    check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm, inp, device="cuda"), exact_rounding=True)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,10 @@ Backends
 
 dtypes: x, y_all, xn in an activation dtype; weight/bias usually float32; s float32 or activation
 dtype; skip_scale (1,) float32. All accumulation is float32. layernorm_pool returns xn and pooled in
-x's dtype; modulate_layernorm returns promote_types(y_all.dtype, xn.dtype) (both backends).
+x's dtype; modulate_layernorm returns promote_types(y_all.dtype, xn.dtype) (both backends), or out_dtype
+when given: the mixer passes the autocast dtype, because the result's only consumer is the proj Linear,
+whose input cast rounds the same (a float32 result would be written, then read and cast by one more
+kernel; the gradient would likewise be cast back to float32 by one).
 """
 from __future__ import annotations
 
@@ -60,12 +63,16 @@ def layernorm_pool_reference(x, weight, bias, eps: float):
     return xn, xn.mean(dim=1)
 
 
-def modulate_layernorm_reference(y_all, xn, s, skip_scale, weight, bias, eps: float):
+def _out_dtype(y_all, xn, out_dtype):
+    return out_dtype or torch.promote_types(y_all.dtype, xn.dtype)
+
+
+def modulate_layernorm_reference(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):
     """LayerNorm(y_all * skip_scale * xn * s[:, None, :]). y_all, xn: (B, L, C); s: (B, C); skip_scale: (1,)."""
     z = y_all * skip_scale * xn * s[:, None, :]
     out = _layer_norm(z, weight, bias, eps)
     # A float32 skip_scale of shape (1,) promotes z to float32; keep the activation dtype.
-    return out.to(torch.promote_types(y_all.dtype, xn.dtype))
+    return out.to(_out_dtype(y_all, xn, out_dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,8 +106,10 @@ def _check_layernorm_pool(x, weight, bias):
     _check_affine(op, weight, bias, x.shape[2], x.device)
 
 
-def _check_modulate(y_all, xn, s, skip_scale, weight, bias):
+def _check_modulate(y_all, xn, s, skip_scale, weight, bias, out_dtype=None):
     op = "modulate_layernorm"
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise TypeError(f"{op}: out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
     for name, t in (("y_all", y_all), ("xn", xn), ("s", s), ("skip_scale", skip_scale)):
         _check_tensor(op, name, t)
     if y_all.dim() != 3:
@@ -143,14 +152,15 @@ def layernorm_pool(x, weight, bias, eps: float):
     return layernorm_pool_reference(x, weight, bias, eps)
 
 
-def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float):
-    """LayerNorm(y_all * skip_scale * xn * s[:, None, :]). y_all, xn: (B, L, C); s: (B, C); skip_scale: (1,)."""
-    _check_modulate(y_all, xn, s, skip_scale, weight, bias)
-    if _use_fused((y_all, xn), (s, skip_scale, weight, bias)):
+def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):
+    """LayerNorm(y_all * skip_scale * xn * s[:, None, :]). y_all, xn: (B, L, C); s: (B, C); skip_scale: (1,).
+    out_dtype: the result's dtype (default promote_types(y_all.dtype, xn.dtype)); see the module docstring."""
+    _check_modulate(y_all, xn, s, skip_scale, weight, bias, out_dtype)
+    if _use_fused((y_all, xn), (s, skip_scale, weight, bias)) and _out_dtype(y_all, xn, out_dtype) in _FUSED_DTYPES:
         return _tm.modulate_layernorm_triton(
             y_all.contiguous(), xn.contiguous(), s.contiguous(), skip_scale.reshape(1).contiguous(),
-            weight.contiguous(), bias.contiguous(), eps)
-    return modulate_layernorm_reference(y_all, xn, s, skip_scale, weight, bias, eps)
+            weight.contiguous(), bias.contiguous(), eps, _out_dtype(y_all, xn, out_dtype))
+    return modulate_layernorm_reference(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype)
 
 
 def layernorm_pool_fused(x, weight, bias, eps: float):
@@ -165,15 +175,15 @@ def layernorm_pool_fused(x, weight, bias, eps: float):
     return _tm.layernorm_pool_triton(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
 
 
-def modulate_layernorm_fused(y_all, xn, s, skip_scale, weight, bias, eps: float):
+def modulate_layernorm_fused(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):
     """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests and benchmarks."""
     if _tm is None:
         raise RuntimeError(f"modulate_layernorm: Triton kernels unavailable ({_TRITON_ERROR})")
-    _check_modulate(y_all, xn, s, skip_scale, weight, bias)
+    _check_modulate(y_all, xn, s, skip_scale, weight, bias, out_dtype)
     if weight is None or bias is None:
         raise ValueError("modulate_layernorm: the fused kernel needs weight and bias tensors")
     if y_all.shape[-1] > MAX_FUSED_C:
         raise ValueError(f"modulate_layernorm: the fused kernel takes C <= {MAX_FUSED_C}")
     return _tm.modulate_layernorm_triton(
         y_all.contiguous(), xn.contiguous(), s.contiguous(), skip_scale.reshape(1).contiguous(),
-        weight.contiguous(), bias.contiguous(), eps)
+        weight.contiguous(), bias.contiguous(), eps, _out_dtype(y_all, xn, out_dtype))

@@ -200,10 +200,10 @@ def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap):
     return dx, wpart.sum(dim=1).to(weight.dtype)          # (2, C): dweight, dbias
 
 
-def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, wrap):
+def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, wrap):
     B, L, C = y_all.shape
     bl, bc, T, nw = _tiles(L, C, CONFIG["fwd_elems"])
-    out = torch.empty((B, L, C), device=y_all.device, dtype=torch.promote_types(y_all.dtype, xn.dtype))
+    out = torch.empty((B, L, C), device=y_all.device, dtype=out_dtype)
     stats = torch.empty((2, B, L), device=y_all.device, dtype=torch.float32)
     wrap(_mod_ln_fwd)[(B * T,)](
         y_all, xn, s, skip_scale, weight, bias, out, stats[0], stats[1], L, C // _vec(C), T, eps,
@@ -245,8 +245,9 @@ def ln_pool_bwd(grad_xn: torch.Tensor, grad_pooled: torch.Tensor, x: torch.Tenso
 
 @triton_op(f"{NAMESPACE}::mod_ln_fwd", mutates_args={})
 def mod_ln_fwd(y_all: torch.Tensor, xn: torch.Tensor, s: torch.Tensor, skip_scale: torch.Tensor,
-               weight: torch.Tensor, bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, wrap_triton)
+               weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, wrap_triton)
 
 
 @triton_op(f"{NAMESPACE}::mod_ln_bwd", mutates_args={})
@@ -276,7 +277,7 @@ def _ln_pool_backward(ctx, grad_xn, grad_pooled, _gstats):
 
 
 def _mod_ln_setup(ctx, inputs, output):
-    y_all, xn, s, skip_scale, weight, _bias, _eps = inputs
+    y_all, xn, s, skip_scale, weight, _bias, _eps, _out_dtype = inputs
     ctx.save_for_backward(y_all, xn, s, skip_scale, weight, output[1])
 
 
@@ -284,7 +285,7 @@ def _mod_ln_backward(ctx, grad_out, _gstats):
     y_all, xn, s, skip_scale, weight, stats = ctx.saved_tensors
     grad_out = torch.zeros_like(y_all) if grad_out is None else grad_out.contiguous()
     dy, dxn, ds, dskip, dwb = mod_ln_bwd(grad_out, y_all, xn, s, skip_scale, weight, stats)
-    return dy, dxn, ds, dskip, dwb[0], dwb[1], None
+    return dy, dxn, ds, dskip, dwb[0], dwb[1], None, None
 
 
 ln_pool_fwd.register_autograd(_ln_pool_backward, setup_context=_ln_pool_setup)
@@ -312,8 +313,8 @@ class _LayerNormPool(torch.autograd.Function):
 
 class _ModulateLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y_all, xn, s, skip_scale, weight, bias, eps):
-        out, stats = _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, _identity)
+    def forward(ctx, y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):
+        out, stats = _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, _identity)
         ctx.save_for_backward(y_all, xn, s, skip_scale, weight, stats)
         return out
 
@@ -322,7 +323,7 @@ class _ModulateLayerNorm(torch.autograd.Function):
         y_all, xn, s, skip_scale, weight, stats = ctx.saved_tensors
         grad_out = torch.zeros_like(y_all) if grad_out is None else grad_out.contiguous()
         dy, dxn, ds, dskip, dwb = _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, _identity)
-        return dy, dxn, ds, dskip, dwb[0], dwb[1], None
+        return dy, dxn, ds, dskip, dwb[0], dwb[1], None, None
 
 
 def layernorm_pool_triton(x, weight, bias, eps):
@@ -332,7 +333,7 @@ def layernorm_pool_triton(x, weight, bias, eps):
     return _LayerNormPool.apply(x, weight, bias, float(eps))
 
 
-def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps):
+def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):
     if use_library_ops(CONFIG):
-        return mod_ln_fwd(y_all, xn, s, skip_scale, weight, bias, float(eps))[0]
-    return _ModulateLayerNorm.apply(y_all, xn, s, skip_scale, weight, bias, float(eps))
+        return mod_ln_fwd(y_all, xn, s, skip_scale, weight, bias, float(eps), out_dtype)[0]
+    return _ModulateLayerNorm.apply(y_all, xn, s, skip_scale, weight, bias, float(eps), out_dtype)
