@@ -4,7 +4,7 @@
 ``conv2d``, ``x_proj_weight``, ``dt_projs_weight``, ``dt_projs_bias``, ``A_logs``, ``Ds``, ``out_norm``,
 ``out_proj``; ``fc1``, ``fc2``, ``norm``, ``proj``, ``skip_scale``) but runs the four groups together:
 
-    xn, pooled = LayerNorm(x), mean_L(LayerNorm(x))            layernorm_pool
+    xn, pooled = LayerNorm(x), mean_L(LayerNorm(x))            layernorm_pool (+ xn in bf16 under autocast)
     s          = sigmoid(fc2(relu(fc1(pooled))))               channel attention
     x, z       = grouped in_proj(xn)                           one GEMM each (block-diagonal or bmm)
     u          = SiLU(depthwise 3x3 conv over all 4d channels)
@@ -152,13 +152,18 @@ class GroupMambaLayer(nn.Module):
             x = x.float()
         B, L, C = x.shape
         norm = self.norm
+        xn_in = None   # xn as the in_proj GEMMs take it
         if self.fused:
-            xn, pooled = layernorm_pool(x, norm.weight, norm.bias, norm.eps)
+            lowp = autocast_dtype(x)
+            if lowp is None:
+                xn, pooled = layernorm_pool(x, norm.weight, norm.bias, norm.eps)
+            else:   # under autocast the same pass also writes the in_proj input (see grouped_in_proj)
+                xn, pooled, xn_in = layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=lowp)
         else:
             xn = norm(x)
             pooled = xn.mean(dim=1)
         s = self.sigmoid(self.fc2(self.relu(self.fc1(pooled))))
-        xmap = xn.view(B, H, W, C)
+        xmap = (xn if xn_in is None else xn_in).view(B, H, W, C)
         y = self._mix_fused(xmap) if self.fused else self._mix_unfused(xmap)
         y = y.reshape(B, L, C)
         if self.fused:
@@ -193,7 +198,8 @@ class GroupMambaLayer(nn.Module):
             if dt is not None and xn.dtype != dt:
                 # Cast once for both GEMMs. Autocast casts a non-leaf input anew at every call, so
                 # each GEMM would make, and keep for its weight gradient, a copy of its own: 0.32 GiB
-                # of GroupMamba-T's training peak at B=128 (H200, BENCHMARKS.md).
+                # of GroupMamba-T's training peak at B=128 (H200, BENCHMARKS.md). (forward() passes
+                # layernorm_pool's copy in the autocast dtype, so this cast is for other callers.)
                 xn = xn.to(dt)
             return linear(xn, w_xz[0]), linear(xn, w_xz[1])
         xz = grouped_linear_bmm(xn, w_in)                               # (4, M, 2d)

@@ -140,6 +140,37 @@ def check_out_dtype_pair(default, low, exact_rounding: bool):
         assert torch.equal(a, b)
 
 
+def copy_pair(layernorm_pool, inp, device="cpu"):
+    """layernorm_pool's bf16 copy of xn (copy_dtype, as the mixer uses it under autocast) against a torch
+    cast of xn, with the same cotangents for xn, pooled and the copy: returns the two runs' outputs (xn,
+    pooled, copy) and gradients (x, weight, bias)."""
+    runs = []
+    for fused_copy in (False, True):
+        p = {k: inp[k].detach().clone().to(device).requires_grad_() for k in ("x", "weight", "bias")}
+        if fused_copy:
+            xn, pooled, xc = layernorm_pool(p["x"], p["weight"], p["bias"], EPS, copy_dtype=torch.bfloat16)
+        else:
+            xn, pooled = layernorm_pool(p["x"], p["weight"], p["bias"], EPS)
+            xc = xn.to(torch.bfloat16)
+        torch.autograd.backward([xn, pooled, xc], [inp["g_xn"].to(device), inp["g_pooled"].to(device),
+                                                   inp["g_out"].to(device).to(torch.bfloat16)])
+        runs.append([t.detach() for t in (xn, pooled, xc)] + [p[k].grad for k in ("x", "weight", "bias")])
+    return runs
+
+
+def check_copy_pair(cast, fused, exact_rounding: bool):
+    """The copy is xn rounded (bitwise where the kernel's store rounds to nearest like torch's cast; within
+    a bf16 ulp under the interpreter, which truncates); everything else is bitwise equal, the gradients
+    included (the kernel adds the copy's gradient in float32 first, as autograd did)."""
+    assert fused[2].dtype == torch.bfloat16
+    if exact_rounding:
+        assert torch.equal(fused[2], cast[2])
+    else:
+        assert rel_err(fused[2], cast[2]) <= 1e-2
+    for i in (0, 1, 3, 4, 5):
+        assert torch.equal(fused[i], cast[i]), i
+
+
 # ------------------------------------------------------------------------------------------------
 # CPU: references
 # ------------------------------------------------------------------------------------------------
@@ -170,6 +201,13 @@ def test_reference_out_dtype_is_the_rounded_result():
     check_out_dtype_pair(default, low, exact_rounding=True)
 
 
+def test_reference_copy_is_the_cast():
+    check_copy_pair(*copy_pair(M.layernorm_pool, make_inputs(2, 7, 24)), exact_rounding=True)
+    x, w, b = (make_inputs(2, 3, 8)[k] for k in ("x", "weight", "bias"))
+    xn, _, xc = M.layernorm_pool(x, w, b, EPS, copy_dtype=torch.float32)   # the copy of a float32 xn is xn
+    assert xc is xn
+
+
 def test_argument_errors():
     inp = make_inputs(2, 5, 8)
     x, w, b, y, s, k = (inp[n] for n in ("x", "weight", "bias", "y", "s", "skip"))
@@ -190,6 +228,8 @@ def test_argument_errors():
         M.modulate_layernorm(y, xn, s, torch.ones(2), w, b, EPS)
     with pytest.raises(TypeError, match="must be a tensor"):
         M.modulate_layernorm(y, xn, s, 1.0, w, b, EPS)
+    with pytest.raises(TypeError, match="copy_dtype must be a floating-point"):
+        M.layernorm_pool(x, w, b, EPS, copy_dtype=torch.int32)
     with pytest.raises(TypeError, match="out_dtype must be a floating-point"):
         M.modulate_layernorm(y, xn, s, k, w, b, EPS, out_dtype=torch.int32)
     if torch.cuda.is_available():
@@ -228,12 +268,14 @@ def _interpret_checks():
                 "interpreter torch.library ops")
     finally:
         tm.CONFIG["eager_library_ops"] = False
-    # out_dtype (the mixer's bf16 result under autocast), eagerly and through the torch.library ops
+    # out_dtype and copy_dtype (the mixer's bf16 result and in_proj input under autocast), eagerly and
+    # through the torch.library ops
     for library in (False, True):
         tm.CONFIG["eager_library_ops"] = library
         try:
             check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm_fused, make_inputs(2, 9, 40)),
                                  exact_rounding=False)
+            check_copy_pair(*copy_pair(M.layernorm_pool_fused, make_inputs(2, 11, 40)), exact_rounding=False)
         finally:
             tm.CONFIG["eager_library_ops"] = False
     # small tiles: many tiles per batch, ragged last tile, partial sums over many programs
@@ -245,7 +287,7 @@ def _interpret_checks():
                 "interpreter small tiles")
     finally:
         tm.CONFIG.update(saved)
-    print("interpreter checks passed:", len(INTERPRET_CASES) + 5)
+    print("interpreter checks passed:", len(INTERPRET_CASES) + 7)
 
 
 def test_triton_interpreter_cpu():
@@ -327,10 +369,15 @@ def test_gpu_non_contiguous():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("L,C", [(3136, 96), (196, 348)])
-def test_gpu_out_dtype_is_the_rounded_result(L, C):
+@pytest.mark.parametrize("op", ["modulate_layernorm out_dtype", "layernorm_pool copy_dtype"])
+def test_gpu_low_precision_results_are_the_rounded_ones(op, L, C):
+    """The mixer's bf16 results under autocast are bitwise the rounded float32 ones, gradients included."""
     inp = make_inputs(4, L, C)
     poison_cuda_cache()
-    check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm, inp, device="cuda"), exact_rounding=True)
+    if op.startswith("modulate"):
+        check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm, inp, device="cuda"), exact_rounding=True)
+    else:
+        check_copy_pair(*copy_pair(M.layernorm_pool, inp, device="cuda"), exact_rounding=True)
 
 
 @pytest.mark.gpu

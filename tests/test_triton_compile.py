@@ -22,15 +22,17 @@ POINTERS = {
 INTS = {"L", "CV", "T"}
 
 
-def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps):
+def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps, pointer_dtypes=None):
     """triton.compile for sm_90: consts as constexprs, scalars {name: type}, pointers named in act_pointers
-    in the activation dtype `act`, every other pointer fp32."""
+    in the activation dtype `act`, those in pointer_dtypes {name: type} in theirs, every other pointer fp32."""
     signature = {}
     for arg in kernel.arg_names:
         if arg in consts:
             signature[arg] = "constexpr"
         elif arg in scalars:
             signature[arg] = scalars[arg]
+        elif pointer_dtypes and arg in pointer_dtypes:
+            signature[arg] = pointer_dtypes[arg]
         else:
             signature[arg] = act if arg in act_pointers else F32
     src = ASTSource(fn=kernel, signature=signature,
@@ -50,6 +52,29 @@ def test_kernel_compiles_for_sm90(name, L, C, act):
     compiled = compile_sm90(kernel, consts, scalars, POINTERS[name], act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
+
+
+# The mixer under bf16 autocast: the float32 residual stream x and xn, the bf16 copy of xn for in_proj
+# (layernorm_pool's copy_dtype), bf16 y_all, a bf16 modulation result (out_dtype) and bf16 gradients of both
+MIXER_DTYPES = {
+    "_ln_pool_fwd": {"XN2": "*bf16"},
+    "_ln_pool_bwd": {"GXN2": "*bf16"},
+    "_mod_ln_fwd": {"Y": "*bf16", "OUT": "*bf16"},
+    "_mod_ln_bwd": {"G": "*bf16", "Y": "*bf16", "DY": "*bf16"},
+}
+
+
+@pytest.mark.parametrize("L,C", [(3136, 96), (196, 348)])
+@pytest.mark.parametrize("name", sorted(MIXER_DTYPES))
+def test_modulation_kernels_compile_with_the_mixers_dtypes(name, L, C):
+    kernel = getattr(tm, name)
+    block_l, block_c, _, num_warps = tm._tiles(L, C, None, backward=name.endswith("bwd"))
+    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": tm._vec(C)}
+    if "COPY" in kernel.arg_names:
+        consts["COPY"] = True
+    scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
+    compiled = compile_sm90(kernel, consts, scalars, (), "*fp32", num_warps, MIXER_DTYPES[name])
+    assert len(compiled.asm["cubin"]) > 0
 
 
 NORM_ACT = {"_gln_fwd": {"X", "Z", "OUT"}, "_gln_bwd": {"GO", "X", "Z", "DX", "DZ"}}

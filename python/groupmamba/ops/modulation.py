@@ -16,7 +16,10 @@ Backends
 
 dtypes: x, y_all, xn in an activation dtype; weight/bias usually float32; s float32 or activation
 dtype; skip_scale (1,) float32. All accumulation is float32. layernorm_pool returns xn and pooled in
-x's dtype; modulate_layernorm returns promote_types(y_all.dtype, xn.dtype) (both backends), or out_dtype
+x's dtype, and with copy_dtype also xn in that dtype (rounded from the same float32 values, as a cast of
+xn would be; the mixer's in_proj input under autocast: the fused kernel writes it in the same pass and adds
+its gradient in the backward kernel, instead of a cast kernel forward and a cast plus an add backward);
+modulate_layernorm returns promote_types(y_all.dtype, xn.dtype) (both backends), or out_dtype
 when given: the mixer passes the autocast dtype, because the result's only consumer is the proj Linear,
 whose input cast rounds the same (a float32 result would be written, then read and cast by one more
 kernel; the gradient would likewise be cast back to float32 by one).
@@ -96,8 +99,14 @@ def _check_affine(op, weight, bias, C, device):
             raise ValueError(f"{op}: {name} is on {t.device} but the activations are on {device}")
 
 
-def _check_layernorm_pool(x, weight, bias):
+def _check_out_dtype(op, name, dt):
+    if dt is not None and (not isinstance(dt, torch.dtype) or not dt.is_floating_point):
+        raise TypeError(f"{op}: {name} must be a floating-point torch.dtype or None, got {dt!r}")
+
+
+def _check_layernorm_pool(x, weight, bias, copy_dtype=None):
     op = "layernorm_pool"
+    _check_out_dtype(op, "copy_dtype", copy_dtype)
     _check_tensor(op, "x", x)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be (B, L, C), got shape {tuple(x.shape)}")
@@ -108,8 +117,7 @@ def _check_layernorm_pool(x, weight, bias):
 
 def _check_modulate(y_all, xn, s, skip_scale, weight, bias, out_dtype=None):
     op = "modulate_layernorm"
-    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
-        raise TypeError(f"{op}: out_dtype must be a floating-point torch.dtype or None, got {out_dtype!r}")
+    _check_out_dtype(op, "out_dtype", out_dtype)
     for name, t in (("y_all", y_all), ("xn", xn), ("s", s), ("skip_scale", skip_scale)):
         _check_tensor(op, name, t)
     if y_all.dim() != 3:
@@ -144,12 +152,17 @@ def _use_fused(acts, params) -> bool:
 # ------------------------------------------------------------------------------------------------
 # public ops
 # ------------------------------------------------------------------------------------------------
-def layernorm_pool(x, weight, bias, eps: float):
-    """Returns (xn, pooled): xn = LayerNorm(x) over the last dim, pooled = xn.mean(dim=1). x: (B, L, C)."""
-    _check_layernorm_pool(x, weight, bias)
-    if _use_fused((x,), (weight, bias)):
-        return _tm.layernorm_pool_triton(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
-    return layernorm_pool_reference(x, weight, bias, eps)
+def layernorm_pool(x, weight, bias, eps: float, copy_dtype=None):
+    """Returns (xn, pooled): xn = LayerNorm(x) over the last dim, pooled = xn.mean(dim=1). x: (B, L, C).
+    With copy_dtype: (xn, pooled, xn in copy_dtype) (see the module docstring)."""
+    _check_layernorm_pool(x, weight, bias, copy_dtype)
+    if copy_dtype == x.dtype:   # the copy is xn itself
+        xn, pooled = layernorm_pool(x, weight, bias, eps)
+        return xn, pooled, xn
+    if _use_fused((x,), (weight, bias)) and copy_dtype in (None, *_FUSED_DTYPES):
+        return _tm.layernorm_pool_triton(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, copy_dtype)
+    xn, pooled = layernorm_pool_reference(x, weight, bias, eps)
+    return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))
 
 
 def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):
@@ -163,16 +176,16 @@ def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float, out_d
     return modulate_layernorm_reference(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype)
 
 
-def layernorm_pool_fused(x, weight, bias, eps: float):
+def layernorm_pool_fused(x, weight, bias, eps: float, copy_dtype=None):
     """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests and benchmarks."""
     if _tm is None:
         raise RuntimeError(f"layernorm_pool: Triton kernels unavailable ({_TRITON_ERROR})")
-    _check_layernorm_pool(x, weight, bias)
+    _check_layernorm_pool(x, weight, bias, copy_dtype)
     if weight is None or bias is None:
         raise ValueError("layernorm_pool: the fused kernel needs weight and bias tensors")
     if x.shape[-1] > MAX_FUSED_C:
         raise ValueError(f"layernorm_pool: the fused kernel takes C <= {MAX_FUSED_C}")
-    return _tm.layernorm_pool_triton(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
+    return _tm.layernorm_pool_triton(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, copy_dtype)
 
 
 def modulate_layernorm_fused(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):

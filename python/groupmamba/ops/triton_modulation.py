@@ -4,8 +4,9 @@ Layout: x, y_all, xn are (B, L, C) made contiguous, viewed as B*L rows of C. Eve
 program per (b, tile of BLOCK_L rows of batch b) and holds the whole row (BLOCK_C >= C) in registers,
 so each tensor is read once and written once:
 
-    _ln_pool_fwd   x -> xn, mean, rstd (fp32 per row), per-tile column sums of xn  -> pooled
-    _ln_pool_bwd   x, dxn, dpooled -> dx, per-tile partials of dweight / dbias
+    _ln_pool_fwd   x -> xn [, xn in a second dtype], mean, rstd (fp32 per row), per-tile column sums of xn
+                   -> pooled
+    _ln_pool_bwd   x, dxn [, the second copy's gradient], dpooled -> dx, per-tile partials of dweight / dbias
     _mod_ln_fwd    y, xn, s, skip -> out, mean, rstd of z = y*skip*xn*s
     _mod_ln_bwd    dout, y, xn, s, skip -> dy, dxn, per-tile partials of ds (and dskip), dweight, dbias
 
@@ -93,8 +94,10 @@ def _layer_norm_rows_bwd(dhat, hat, rstd, C):
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
-def _ln_pool_fwd(X, W, Bias, XN, MEAN, RSTD, PART, L, CV, T, eps,
-                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+def _ln_pool_fwd(X, W, Bias, XN, XN2, MEAN, RSTD, PART, L, CV, T, eps,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr = False):
+    """xn = LayerNorm(x) stored to XN and, with COPY, also to XN2 in XN2's dtype (both rounded from the
+    same float32 value); the per-row statistics; this tile's column sums of xn (for the pooled mean)."""
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
     b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
@@ -102,14 +105,18 @@ def _ln_pool_fwd(X, W, Bias, XN, MEAN, RSTD, PART, L, CV, T, eps,
     xn, mean, rstd = _layer_norm_rows(x, mask, cols, cmask, W, Bias, C, eps)
     xn = tl.where(mask, xn, 0.0)
     tl.store(XN + offs, xn.to(XN.dtype.element_ty), mask=mask)
+    if COPY:
+        tl.store(XN2 + offs, xn.to(XN2.dtype.element_ty), mask=mask)
     tl.store(MEAN + row, mean, mask=rmask)
     tl.store(RSTD + row, rstd, mask=rmask)
     tl.store(PART + pid.to(tl.int64) * C + cols, tl.sum(xn, axis=0), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
-def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GP, DX, DWP, DBP, L, CV, T, inv_L,
-                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
+def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GXN2, GP, DX, DWP, DBP, L, CV, T, inv_L,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr = False):
+    """dx from the gradients of xn, of the pooled mean and, with COPY, of the copy of xn (GXN2: added to
+    GXN's in float32 first, as autograd would have summed the two)."""
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
     b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
@@ -118,7 +125,10 @@ def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GP, DX, DWP, DBP, L, CV, T, inv_L,
     rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     gp = tl.load(GP + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * inv_L
-    g = tl.load(GXN + offs, mask=mask, other=0.0).to(tl.float32) + gp[None, :]
+    g = tl.load(GXN + offs, mask=mask, other=0.0).to(tl.float32)
+    if COPY:
+        g = g + tl.load(GXN2 + offs, mask=mask, other=0.0).to(tl.float32)
+    g = g + gp[None, :]
     g = tl.where(mask, g, 0.0)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dxhat = g * w[None, :]
@@ -176,27 +186,30 @@ def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, 
 # launch + reduce (inputs already validated and contiguous; see modulation.py). `wrap` is
 # torch.library.wrap_triton inside the triton_ops (traceable) and the identity in the eager path.
 # ----------------------------------------------------------------------------------------------
-def _ln_pool_fwd_impl(x, weight, bias, eps, wrap):
+def _ln_pool_fwd_impl(x, weight, bias, eps, wrap, copy_dtype=None):
+    """(xn, pooled, stats), and xn in copy_dtype from the same pass when copy_dtype is given."""
     B, L, C = x.shape
     bl, bc, T, nw = _tiles(L, C, CONFIG["fwd_elems"])
     xn = torch.empty_like(x)
+    xn2 = xn if copy_dtype is None else torch.empty_like(x, dtype=copy_dtype)
     stats = torch.empty((2, B, L), device=x.device, dtype=torch.float32)   # mean, rstd
     part = torch.empty((B, T, C), device=x.device, dtype=torch.float32)
     wrap(_ln_pool_fwd)[(B * T,)](
-        x, weight, bias, xn, stats[0], stats[1], part, L, C // _vec(C), T, eps,
-        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+        x, weight, bias, xn, xn2, stats[0], stats[1], part, L, C // _vec(C), T, eps,
+        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), COPY=copy_dtype is not None, num_warps=nw)
     pooled = part.sum(dim=1).mul_(1.0 / L).to(x.dtype)
-    return xn, pooled, stats
+    return (xn, pooled, stats) if copy_dtype is None else (xn, pooled, stats, xn2)
 
 
-def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap):
+def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap, grad_copy=None):
     B, L, C = x.shape
     bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
     dx = torch.empty_like(x)
     wpart = torch.empty((2, B * T, C), device=x.device, dtype=torch.float32)   # dweight, dbias partials
     wrap(_ln_pool_bwd)[(B * T,)](
-        x, weight, stats[0], stats[1], grad_xn, grad_pooled, dx, wpart[0], wpart[1], L, C // _vec(C), T, 1.0 / L,
-        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+        x, weight, stats[0], stats[1], grad_xn, grad_xn if grad_copy is None else grad_copy, grad_pooled, dx,
+        wpart[0], wpart[1], L, C // _vec(C), T, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C),
+        COPY=grad_copy is not None, num_warps=nw)
     return dx, wpart.sum(dim=1).to(weight.dtype)          # (2, C): dweight, dbias
 
 
@@ -311,6 +324,26 @@ class _LayerNormPool(torch.autograd.Function):
         return dx, dwb[0], dwb[1], None
 
 
+class _LayerNormPoolCopy(torch.autograd.Function):
+    """_LayerNormPool that also returns xn in copy_dtype (the mixer's in_proj input under autocast) from
+    the same pass, and in the backward adds that copy's gradient inside the kernel: no cast kernel, and no
+    cast and add of the copy's gradient, each a pass over the activation."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, copy_dtype):
+        xn, pooled, stats, xn2 = _ln_pool_fwd_impl(x, weight, bias, eps, _identity, copy_dtype)
+        ctx.save_for_backward(x, weight, stats)
+        return xn, pooled, xn2
+
+    @staticmethod
+    def backward(ctx, grad_xn, grad_pooled, grad_copy):
+        x, weight, stats = ctx.saved_tensors
+        grad_xn, grad_pooled = _ln_pool_grads(x, grad_xn, grad_pooled)
+        grad_copy = None if grad_copy is None else grad_copy.contiguous()
+        dx, dwb = _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, _identity, grad_copy)
+        return dx, dwb[0], dwb[1], None, None
+
+
 class _ModulateLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):
@@ -326,11 +359,14 @@ class _ModulateLayerNorm(torch.autograd.Function):
         return dy, dxn, ds, dskip, dwb[0], dwb[1], None, None
 
 
-def layernorm_pool_triton(x, weight, bias, eps):
+def layernorm_pool_triton(x, weight, bias, eps, copy_dtype=None):
+    """(xn, pooled), plus xn in copy_dtype when that is given (and differs from x's dtype)."""
     if use_library_ops(CONFIG):
         xn, pooled, _stats = ln_pool_fwd(x, weight, bias, float(eps))
-        return xn, pooled
-    return _LayerNormPool.apply(x, weight, bias, float(eps))
+        return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))   # compile fuses the cast
+    if copy_dtype is None:
+        return _LayerNormPool.apply(x, weight, bias, float(eps))
+    return _LayerNormPoolCopy.apply(x, weight, bias, float(eps), copy_dtype)
 
 
 def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):
