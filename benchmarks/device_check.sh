@@ -2,7 +2,8 @@
 # The whole product on a GPU machine, in one script: build, every GPU test, model throughput, a short
 # training run (1 GPU, then 2-GPU DDP when two GPUs are visible). Logs go to $OUT (default ./device_out).
 #   tests:   pytest -m gpu over TEST_FILES (default "tests"; paths relative to the repository), -k TEST_K if set
-#   RUN_STEPS="build tests models train layer profile dwconv gemm scan sanitize ncu"   which steps to run (default: all but ncu, in this order)
+#   RUN_STEPS="build tests models train layer profile dwconv gemm norm scan sanitize ncu"   which steps to run (default: all but
+#            norm and ncu, in this order)
 #   layer:   benchmarks/bench_layer.py (one GroupMambaLayer fwd/bwd at every stage shape vs the official-style
 #            path; LAYER_BENCH_ARGS, LAYER_TIMEOUT=200), profile: benchmarks/profile_model.py (torch.profiler of
 #            a T training and inference step; PROFILE_ARGS, PROFILE_TIMEOUT=120; trace_train.json.gz in $OUT)
@@ -10,6 +11,8 @@
 #            DWCONV_TIMEOUT=240)
 #   gemm:    benchmarks/bench_gemm.py (T's Linear GEMMs as cuBLAS runs them and padded; bias column sums;
 #            GEMM_TIMEOUT=120)
+#   norm:    benchmarks/bench_norm.py (the grouped LayerNorm forward/backward at every T and B stage, % of copy
+#            bandwidth; NORM_BENCH_ARGS, e.g. "--elems 1024,2048,8192" for a backward tile sweep; NORM_TIMEOUT=100)
 #   scan:    benchmarks/bench_scan.py at grouped_scan's default chunk per shape, or once per chunk length in
 #            SCAN_CHUNKS (a sweep); SCAN_BENCH_ARGS, default "--models T,B --dtypes bf16 --naive ''";
 #            SCAN_TIMEOUT=60 per run)
@@ -68,6 +71,10 @@ fi
 if has gemm; then
   OUT="$OUT" timeout ${GEMM_TIMEOUT:-120} $PY "$SRC/benchmarks/bench_gemm.py" 2>&1 \
     | tee "$OUT/bench_gemm.log" | tail -35 || status=1
+fi
+if has norm; then
+  OUT="$OUT" timeout ${NORM_TIMEOUT:-100} $PY "$SRC/benchmarks/bench_norm.py" ${NORM_BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_norm.log" | tail -20 || status=1
 fi
 if has scan; then
   for ch in ${SCAN_CHUNKS:-default}; do
