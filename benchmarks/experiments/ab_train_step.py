@@ -1,4 +1,4 @@
-"""A/B of the sixth to eighth sets of runs' training-step changes in one process each (run from the
+"""A/B of the sixth to ninth sets of runs' training-step changes in one process each (run from the
 repository root):
 
     for v in "1 1 1 0" "1 1 0 1" "0 0 0 0" "1 1 1 1"; do set -- $v
@@ -12,6 +12,9 @@ repository root):
 
 Each switch (1 = as shipped, 0 = off) runs benchmarks/bench_models.py with one change undone:
 AB_KEEP   the ConvFFN recompute keeps the conv's pre-activation (models/layers.py)
+AB_FC2SKIP the ConvFFN recompute skips fc2's GEMM (fast_linear.outputs_unused in models/layers.py)
+AB_MODOUT the modulation returns the autocast dtype to proj (models/mixer.py; 0: float32, cast by proj)
+AB_LNCOPY the mixer's LayerNorm also writes the bf16 in_proj input (models/mixer.py; 0: a torch cast)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
@@ -21,8 +24,8 @@ AB_DGRAD  the conv's input gradient with the Triton stencil (ops/triton_dwconv.p
 AB_BNRELU the stem's BatchNorm + ReLU in Triton (ops/batchnorm.py; 0: torch's BatchNorm2d and ReLU)
 AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre-activation was
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
-The in_proj's shared input cast (models/mixer.py) has no switch. Results: BENCHMARKS.md, sixth to
-eighth sets (eighth: AB_BNRELU=0 / 1).
+Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
+after the ninth set's last device call: not yet measured.
 """
 import contextlib
 import os
@@ -31,11 +34,24 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import groupmamba.models.layers as layers  # noqa: E402
+import groupmamba.models.mixer as mixer  # noqa: E402
 import groupmamba.ops.fast_linear as fast_linear  # noqa: E402
 import groupmamba.ops.triton_dwconv as triton_dwconv  # noqa: E402
 
 if os.environ.get("AB_KEEP", "1") == "0":
-    layers._keep_preactivation_in_recompute = lambda: (contextlib.nullcontext(), contextlib.nullcontext())
+    layers.keep_preactivation = contextlib.nullcontext
+if os.environ.get("AB_FC2SKIP", "1") == "0":
+    layers.outputs_unused = contextlib.nullcontext
+if os.environ.get("AB_MODOUT", "1") == "0":
+    _modulate = mixer.modulate_layernorm
+    mixer.modulate_layernorm = lambda *a, out_dtype=None: _modulate(*a)
+if os.environ.get("AB_LNCOPY", "1") == "0":
+    _ln_pool = mixer.layernorm_pool
+
+    def _ln_pool_cast(x, w, b, eps, copy_dtype=None):
+        xn, pooled = _ln_pool(x, w, b, eps)
+        return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))
+    mixer.layernorm_pool = _ln_pool_cast
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"
