@@ -90,6 +90,21 @@ def bench_case(B, L, C, dt, impl, graph: bool, eager: bool = True, library_ops: 
     return res
 
 
+def tile_sweep(B, stages, fused, sizes, keys, title):
+    """Table rows: fwd+bwd graph time (bf16) per stage with each of ``sizes`` set as the CONFIG ``keys``."""
+    lines = ["", title, "", "| L | C | " + " | ".join(str(e) for e in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+    saved = dict(M._tm.CONFIG)
+    for L, C in stages:
+        ts = []
+        for e in sizes:
+            M._tm.CONFIG.update({k: e for k in keys})
+            ts.append(bench_case(B, L, C, torch.bfloat16, fused, graph=True, eager=False)["fwdbwd_graph"] * 1e3)
+        M._tm.CONFIG.update(saved)
+        lines.append(f"| {L} | {C} | " + " | ".join(f"{t:.0f}" for t in ts) + " |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def min_bytes(B, L, C, dt, bwd: bool):
     elem = torch.tensor([], dtype=dt).element_size()
     passes = 13 if bwd else 5
@@ -147,33 +162,12 @@ def main():
         *rows,
     ]
     if args.sweep:
-        table += ["", "Tile sweep (bf16, fwd+bwd graph replay, us): elements per program (fwd = bwd)", "",
-                  "| L | C | " + " | ".join(str(e) for e in (2048, 4096, 8192)) + " |", "|---|---|---|---|---|"]
-        saved = dict(M._tm.CONFIG)
-        for L, C in stages:
-            ts = []
-            for e in (2048, 4096, 8192):
-                M._tm.CONFIG.update(fwd_elems=e, bwd_elems=e)
-                ts.append(bench_case(B, L, C, torch.bfloat16, fused, graph=True, eager=False)["fwdbwd_graph"] * 1e3)
-            M._tm.CONFIG.update(saved)
-            line = f"| {L} | {C} | " + " | ".join(f"{t:.0f}" for t in ts) + " |"
-            print(line, flush=True)
-            table.append(line)
+        table += tile_sweep(B, stages, fused, (2048, 4096, 8192), ("fwd_elems", "bwd_elems"),
+                            "Tile sweep (bf16, fwd+bwd graph replay, us): elements per program (fwd = bwd)")
     if args.sweep_bwd:
-        sizes = (1024, 2048, 4096, 8192)
-        table += ["", "Backward tile sweep (bf16, fwd+bwd graph replay, us; forward at its default tiles): elements "
-                  "per program of the backward kernels", "",
-                  "| L | C | " + " | ".join(str(e) for e in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
-        saved = dict(M._tm.CONFIG)
-        for L, C in stages:
-            ts = []
-            for e in sizes:
-                M._tm.CONFIG.update(bwd_elems=e)
-                ts.append(bench_case(B, L, C, torch.bfloat16, fused, graph=True, eager=False)["fwdbwd_graph"] * 1e3)
-            M._tm.CONFIG.update(saved)
-            line = f"| {L} | {C} | " + " | ".join(f"{t:.0f}" for t in ts) + " |"
-            print(line, flush=True)
-            table.append(line)
+        table += tile_sweep(B, stages, fused, (1024, 2048, 4096, 8192), ("bwd_elems",),
+                            "Backward tile sweep (bf16, fwd+bwd graph replay, us; forward at its default tiles): "
+                            "elements per program of the backward kernels")
     text = "\n".join(table) + "\n"
     print(text)
     out = os.environ.get("OUT")

@@ -91,15 +91,7 @@ def main(argv=None) -> int:
                 def kernel(elems=None):
                     x, z, w, b, g, stats = sets[state["i"] % n_sets]
                     state["i"] += 1
-                    G, d = w.shape
-                    M = cfg["M"]
-                    bm, bd, P, nw = tn.tiles(M, G, d, elems or tn.bwd_elems(M, G, d))
-                    dx, dz = torch.empty_like(x), (torch.empty_like(z) if z is not None else None)
-                    part = torch.empty((P, 2 * G * d), device="cuda", dtype=torch.float32)
-                    tn._gln_bwd[(P,)](g, x, x if z is None else z, w, b, stats[0], stats[1], dx,
-                                      dx if dz is None else dz, part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd,
-                                      HAS_GATE=z is not None, num_warps=nw)
-                    return part
+                    return tn._bwd_kernel(g, x, z, w, b, stats, identity, elems)[2]
 
                 parts = [kernel() for _ in range(n_sets)]
 

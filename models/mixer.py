@@ -152,18 +152,14 @@ class GroupMambaLayer(nn.Module):
             x = x.float()
         B, L, C = x.shape
         norm = self.norm
-        xn_in = None   # xn as the in_proj GEMMs take it
         if self.fused:
-            lowp = autocast_dtype(x)
-            if lowp is None:
-                xn, pooled = layernorm_pool(x, norm.weight, norm.bias, norm.eps)
-            else:   # under autocast the same pass also writes the in_proj input (see grouped_in_proj)
-                xn, pooled, xn_in = layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=lowp)
+            # under autocast the same pass also writes xn in the autocast dtype: the in_proj input
+            xn, pooled, *copy = layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=autocast_dtype(x))
         else:
-            xn = norm(x)
+            xn, copy = norm(x), ()
             pooled = xn.mean(dim=1)
         s = self.sigmoid(self.fc2(self.relu(self.fc1(pooled))))
-        xmap = (xn if xn_in is None else xn_in).view(B, H, W, C)
+        xmap = (copy[0] if copy else xn).view(B, H, W, C)
         y = self._mix_fused(xmap) if self.fused else self._mix_unfused(xmap)
         y = y.reshape(B, L, C)
         if self.fused:

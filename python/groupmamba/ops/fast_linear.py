@@ -107,10 +107,10 @@ class _PaddedLinear(torch.autograd.Function):
         x2 = x.reshape(-1, K)
         xp = _pad_2d(x2, x2.shape[0], Kp, dtype)
         wp = _pad_2d(weight, Np, Kp, dtype)
-        bp = None if bias is None else _pad_2d(bias[None], 1, Np, dtype)[0]
         if _UNUSED:   # a recompute that only needs the saved xp, wp
             yp = xp.new_empty(xp.shape[0], Np)
         else:
+            bp = None if bias is None else _pad_2d(bias[None], 1, Np, dtype)[0]
             yp = F.linear(xp, wp, bp)
         ctx.save_for_backward(xp, wp)
         ctx.meta = (x.shape, x.dtype, weight.dtype, None if bias is None else bias.dtype)

@@ -169,10 +169,11 @@ def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float, out_d
     """LayerNorm(y_all * skip_scale * xn * s[:, None, :]). y_all, xn: (B, L, C); s: (B, C); skip_scale: (1,).
     out_dtype: the result's dtype (default promote_types(y_all.dtype, xn.dtype)); see the module docstring."""
     _check_modulate(y_all, xn, s, skip_scale, weight, bias, out_dtype)
-    if _use_fused((y_all, xn), (s, skip_scale, weight, bias)) and _out_dtype(y_all, xn, out_dtype) in _FUSED_DTYPES:
+    out_dtype = _out_dtype(y_all, xn, out_dtype)
+    if _use_fused((y_all, xn), (s, skip_scale, weight, bias)) and out_dtype in _FUSED_DTYPES:
         return _tm.modulate_layernorm_triton(
             y_all.contiguous(), xn.contiguous(), s.contiguous(), skip_scale.reshape(1).contiguous(),
-            weight.contiguous(), bias.contiguous(), eps, _out_dtype(y_all, xn, out_dtype))
+            weight.contiguous(), bias.contiguous(), eps, out_dtype)
     return modulate_layernorm_reference(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype)
 
 

@@ -310,33 +310,18 @@ mod_ln_fwd.register_autograd(_mod_ln_backward, setup_context=_mod_ln_setup)
 # wrap_triton cost ~100s of us per call on the host, more than these kernels take on the device)
 # ----------------------------------------------------------------------------------------------
 class _LayerNormPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        xn, pooled, stats = _ln_pool_fwd_impl(x, weight, bias, eps, _identity)
-        ctx.save_for_backward(x, weight, stats)
-        return xn, pooled
-
-    @staticmethod
-    def backward(ctx, grad_xn, grad_pooled):
-        x, weight, stats = ctx.saved_tensors
-        grad_xn, grad_pooled = _ln_pool_grads(x, grad_xn, grad_pooled)
-        dx, dwb = _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, _identity)
-        return dx, dwb[0], dwb[1], None
-
-
-class _LayerNormPoolCopy(torch.autograd.Function):
-    """_LayerNormPool that also returns xn in copy_dtype (the mixer's in_proj input under autocast) from
-    the same pass, and in the backward adds that copy's gradient inside the kernel: no cast kernel, and no
-    cast and add of the copy's gradient, each a pass over the activation."""
+    """(xn, pooled), and with a copy_dtype also xn in it (the mixer's in_proj input under autocast) from the
+    same pass; the backward then adds that copy's gradient inside the kernel: no cast kernel, and no cast
+    and add of the copy's gradient, each a pass over the activation."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, copy_dtype):
-        xn, pooled, stats, xn2 = _ln_pool_fwd_impl(x, weight, bias, eps, _identity, copy_dtype)
+        xn, pooled, stats, *copy = _ln_pool_fwd_impl(x, weight, bias, eps, _identity, copy_dtype)
         ctx.save_for_backward(x, weight, stats)
-        return xn, pooled, xn2
+        return (xn, pooled, *copy)
 
     @staticmethod
-    def backward(ctx, grad_xn, grad_pooled, grad_copy):
+    def backward(ctx, grad_xn, grad_pooled, grad_copy=None):
         x, weight, stats = ctx.saved_tensors
         grad_xn, grad_pooled = _ln_pool_grads(x, grad_xn, grad_pooled)
         grad_copy = None if grad_copy is None else grad_copy.contiguous()
@@ -364,9 +349,7 @@ def layernorm_pool_triton(x, weight, bias, eps, copy_dtype=None):
     if use_library_ops(CONFIG):
         xn, pooled, _stats = ln_pool_fwd(x, weight, bias, float(eps))
         return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))   # compile fuses the cast
-    if copy_dtype is None:
-        return _LayerNormPool.apply(x, weight, bias, float(eps))
-    return _LayerNormPoolCopy.apply(x, weight, bias, float(eps), copy_dtype)
+    return _LayerNormPool.apply(x, weight, bias, float(eps), copy_dtype)
 
 
 def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):

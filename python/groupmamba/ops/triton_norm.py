@@ -133,10 +133,12 @@ def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
     return out, stats
 
 
-def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap):
+def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None):
+    """The backward kernel alone: (dx, dz or None, the (programs, 2 * G * d) weight / bias partials); elems:
+    elements per program (default CONFIG["bwd_elems"] or bwd_elems)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
-    bm, bd, P, nw = tiles(M, G, d, CONFIG["bwd_elems"] or bwd_elems(M, G, d))
+    bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else dx
     part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
@@ -145,6 +147,12 @@ def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap):
                              part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, num_warps=nw)
     else:
         part.zero_()
+    return dx, (dz if z is not None else None), part
+
+
+def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap):
+    G, d = weight.shape
+    dx, dz, part = _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap)
     if wrap is _identity:
         sums = column_sum(part)
         dw, db = sums[:G * d].view(G, d), sums[G * d:].view(G, d)
@@ -152,7 +160,7 @@ def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap):
         # the torch.library op (traced by torch.compile: its kernels must go through wrap_triton) returns
         # outputs that must not alias each other: two separate torch sums
         dw, db = part[:, :G * d].sum(0).view(G, d), part[:, G * d:].sum(0).view(G, d)
-    return dx, (dz if z is not None else None), dw.to(weight.dtype), db.to(bias.dtype)
+    return dx, dz, dw.to(weight.dtype), db.to(bias.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
