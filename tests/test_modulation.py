@@ -127,17 +127,37 @@ def out_dtype_pair(modulate_layernorm, inp, device="cpu"):
     return runs
 
 
-def check_out_dtype_pair(default, low, exact_rounding: bool):
-    """The bf16 result is the float32 result rounded (bitwise where the store rounds to nearest as torch's
-    cast does; within one bf16 ulp under the interpreter, whose conversion truncates); the gradients are
-    bitwise equal: the kernel reads the bf16 cotangent as float32 either way."""
+def within_bf16_rounding(low: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Every element of the bf16 tensor is a rounding of the float32 one: off by under one bf16 ulp
+    (2^-7 relative to the element's binade; 2^-8 of |ref| covers rounding to nearest and truncation)."""
+    low, ref = low.double().cpu(), ref.double().cpu()
+    return bool(torch.isfinite(low).all()) and bool(((low - ref).abs() <= ref.abs() * 2.0 ** -7).all())
+
+
+# How the fused and the cast path are compared:
+#   "exact":       the CPU references: the same float32 operations in the same order, so bitwise equal.
+#   "interpreter": the Triton interpreter runs the kernels' operations in the written order (bitwise
+#                  equal sums), but its float32 -> bf16 conversion truncates where torch's cast rounds.
+#   "compiled":    a GPU build. The extra bf16 operand can change the layout the compiler gives a kernel's
+#                  tiles (bf16 loads vectorize 8 wide, float32 ones 4), and with it the order of the row
+#                  and column sums: the results agree to float32 rounding, not bitwise (seen on an H200 at
+#                  C = 96). The bf16 copy must still be exactly the kernel's own float32 result rounded.
+GRAD_TOL_COMPILED = 1e-6
+
+
+def check_out_dtype_pair(default, low, mode: str):
+    """The bf16 result is the float32 result rounded; the gradients are the same (the kernel reads the
+    bf16 cotangent as float32 either way)."""
     assert default[0].dtype == torch.float32 and low[0].dtype == torch.bfloat16
-    if exact_rounding:
+    if mode == "exact":
         assert torch.equal(low[0], default[0].to(torch.bfloat16))
     else:
-        assert rel_err(low[0], default[0]) <= 1e-2
-    for a, b in zip(default[1:], low[1:]):
-        assert torch.equal(a, b)
+        assert within_bf16_rounding(low[0], default[0])
+    for i, (a, b) in enumerate(zip(default[1:], low[1:])):
+        if mode == "compiled":
+            assert rel_err(b, a) <= GRAD_TOL_COMPILED, (i, rel_err(b, a))
+        else:
+            assert torch.equal(a, b), i
 
 
 def copy_pair(layernorm_pool, inp, device="cpu"):
@@ -158,17 +178,19 @@ def copy_pair(layernorm_pool, inp, device="cpu"):
     return runs
 
 
-def check_copy_pair(cast, fused, exact_rounding: bool):
-    """The copy is xn rounded (bitwise where the kernel's store rounds to nearest like torch's cast; within
-    a bf16 ulp under the interpreter, which truncates); everything else is bitwise equal, the gradients
-    included (the kernel adds the copy's gradient in float32 first, as autograd did)."""
+def check_copy_pair(cast, fused, mode: str):
+    """The copy is the kernel's own xn rounded; xn, pooled and the gradients equal the cast path's (the
+    kernel adds the copy's gradient in float32 first, as autograd did)."""
     assert fused[2].dtype == torch.bfloat16
-    if exact_rounding:
-        assert torch.equal(fused[2], cast[2])
+    if mode == "interpreter":
+        assert within_bf16_rounding(fused[2], fused[0])
     else:
-        assert rel_err(fused[2], cast[2]) <= 1e-2
+        assert torch.equal(fused[2], fused[0].to(torch.bfloat16))
     for i in (0, 1, 3, 4, 5):
-        assert torch.equal(fused[i], cast[i]), i
+        if mode == "compiled":
+            assert rel_err(fused[i], cast[i]) <= GRAD_TOL_COMPILED, (i, rel_err(fused[i], cast[i]))
+        else:
+            assert torch.equal(fused[i], cast[i]), i
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,11 +220,11 @@ def test_reference_keeps_activation_dtype():
 
 def test_reference_out_dtype_is_the_rounded_result():
     default, low = out_dtype_pair(M.modulate_layernorm, make_inputs(2, 7, 24))
-    check_out_dtype_pair(default, low, exact_rounding=True)
+    check_out_dtype_pair(default, low, "exact")
 
 
 def test_reference_copy_is_the_cast():
-    check_copy_pair(*copy_pair(M.layernorm_pool, make_inputs(2, 7, 24)), exact_rounding=True)
+    check_copy_pair(*copy_pair(M.layernorm_pool, make_inputs(2, 7, 24)), "exact")
     x, w, b = (make_inputs(2, 3, 8)[k] for k in ("x", "weight", "bias"))
     xn, _, xc = M.layernorm_pool(x, w, b, EPS, copy_dtype=torch.float32)   # the copy of a float32 xn is xn
     assert xc is xn
@@ -274,8 +296,8 @@ def _interpret_checks():
         tm.CONFIG["eager_library_ops"] = library
         try:
             check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm_fused, make_inputs(2, 9, 40)),
-                                 exact_rounding=False)
-            check_copy_pair(*copy_pair(M.layernorm_pool_fused, make_inputs(2, 11, 40)), exact_rounding=False)
+                                 "interpreter")
+            check_copy_pair(*copy_pair(M.layernorm_pool_fused, make_inputs(2, 11, 40)), "interpreter")
         finally:
             tm.CONFIG["eager_library_ops"] = False
     # small tiles: many tiles per batch, ragged last tile, partial sums over many programs
@@ -371,13 +393,14 @@ def test_gpu_non_contiguous():
 @pytest.mark.parametrize("L,C", [(3136, 96), (196, 348)])
 @pytest.mark.parametrize("op", ["modulate_layernorm out_dtype", "layernorm_pool copy_dtype"])
 def test_gpu_low_precision_results_are_the_rounded_ones(op, L, C):
-    """The mixer's bf16 results under autocast are bitwise the rounded float32 ones, gradients included."""
+    """The mixer's bf16 results under autocast are the rounded float32 ones; the gradients equal the cast
+    path's to float32 rounding (see "compiled" above)."""
     inp = make_inputs(4, L, C)
     poison_cuda_cache()
     if op.startswith("modulate"):
-        check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm, inp, device="cuda"), exact_rounding=True)
+        check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm, inp, device="cuda"), "compiled")
     else:
-        check_copy_pair(*copy_pair(M.layernorm_pool, inp, device="cuda"), exact_rounding=True)
+        check_copy_pair(*copy_pair(M.layernorm_pool, inp, device="cuda"), "compiled")
 
 
 @pytest.mark.gpu

@@ -10,6 +10,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from groupmamba.ops import triton_modulation as tm  # noqa: E402
+from groupmamba.ops._util import channel_split  # noqa: E402
 
 F32 = "*fp32"
 # pointer arguments in the activation dtype; every other pointer is fp32; scalars as launched
@@ -24,18 +25,21 @@ INTS = {"L", "CV", "T"}
 
 def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps, pointer_dtypes=None):
     """triton.compile for sm_90: consts as constexprs, scalars {name: type}, pointers named in act_pointers
-    in the activation dtype `act`, those in pointer_dtypes {name: type} in theirs, every other pointer fp32."""
-    signature = {}
-    for arg in kernel.arg_names:
+    in the activation dtype `act`, those in pointer_dtypes {name: type} in theirs, every other pointer fp32.
+    Pointers are declared 16-byte aligned, as Triton specializes them when launched on torch tensors."""
+    signature, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
         if arg in consts:
             signature[arg] = "constexpr"
         elif arg in scalars:
             signature[arg] = scalars[arg]
-        elif pointer_dtypes and arg in pointer_dtypes:
-            signature[arg] = pointer_dtypes[arg]
         else:
-            signature[arg] = act if arg in act_pointers else F32
-    src = ASTSource(fn=kernel, signature=signature,
+            if pointer_dtypes and arg in pointer_dtypes:
+                signature[arg] = pointer_dtypes[arg]
+            else:
+                signature[arg] = act if arg in act_pointers else F32
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
@@ -47,7 +51,7 @@ def test_kernel_compiles_for_sm90(name, L, C, act):
     kernel = getattr(tm, name)
     elems = tm.CONFIG["fwd_elems" if name.endswith("fwd") else "bwd_elems"]
     block_l, block_c, _, num_warps = tm._tiles(L, C, elems, backward=name.endswith("bwd"))
-    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": tm._vec(C)}
+    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1]}
     scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
     compiled = compile_sm90(kernel, consts, scalars, POINTERS[name], act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
@@ -69,7 +73,7 @@ MIXER_DTYPES = {
 def test_modulation_kernels_compile_with_the_mixers_dtypes(name, L, C):
     kernel = getattr(tm, name)
     block_l, block_c, _, num_warps = tm._tiles(L, C, None, backward=name.endswith("bwd"))
-    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": tm._vec(C)}
+    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1]}
     if "COPY" in kernel.arg_names:
         consts["COPY"] = True
     scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
@@ -102,15 +106,16 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
 def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
     block_h, block_c, num_warps = td.tiles(H, C)
-    kernel, ints = td._dwconv_fwd, ("H", "W", "C", "NHB")
+    kernel, ints = td._dwconv_fwd, ("H", "W", "CV", "NHB")
+    vec = channel_split(C)[1]
     # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias)
     for act_code, keep_pre, dx_pass in ((td.ACTS[fn], False, False), (td.ACTS[fn], True, False), (0, False, True)):
-        consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, HAS_BIAS=not dx_pass,
-                      FLIP_TAPS=dx_pass)
+        consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec,
+                      HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
-        consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c)
+        consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec)
         compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
                                 {"X", "GO", "G"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
@@ -119,12 +124,55 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
 @pytest.mark.parametrize("act_code", [0, 1, 2])   # plain column sum, through SiLU' and GELU'
 def test_colsum_kernel_compiles_for_sm90(act, act_code):
-    from groupmamba.ops import triton_colsum as tc
-    consts = dict(ACT=act_code, BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"])
-    compiled = compile_sm90(tc._colsum_partial, consts, {"M": "i32", "N": "i32", "ROWS": "i32"},
-                            {"G", "PRE", "GPRE"}, act, tc.CONFIG["num_warps"])
+    compiled = compile_colsum(424, act, act_code)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
+
+
+def compile_colsum(N, act, act_code):
+    from groupmamba.ops import triton_colsum as tc
+    consts = dict(ACT=act_code, BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"], VEC=channel_split(N)[1])
+    return compile_sm90(tc._colsum_partial, consts, {"M": "i32", "NV": "i32", "ROWS": "i32"},
+                        {"G", "PRE", "GPRE"}, act, tc.CONFIG["num_warps"])
+
+
+def global_access_widths(compiled) -> set:
+    """The suffixes of the SASS global loads and stores ('' = 32-bit, '.64', '.128', '.U16' = 16-bit...)."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    assert cuobjdump.exists(), f"Triton's cuobjdump is missing at {cuobjdump}"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    widths = set(re.findall(r"\b(?:LDG|STG)\.E((?:\.[A-Z0-9]+)*)", sass))
+    assert widths, "no global loads or stores found in the SASS"
+    return widths
+
+
+@pytest.mark.parametrize("C", [348, 424])
+def test_unaligned_widths_get_wide_loads(C):
+    """Row widths that are not multiples of 16 (GroupMamba-T / -B stage 3: 348, 424) still give the
+    compiler their factor of 4 / 8 (row widths reach the kernels as CV * VEC): no 16-bit accesses in bf16.
+    They used to load and store 2 bytes at a time, and the column sum ran at 0.44 TB/s at C = 424 (H200)."""
+    from groupmamba.ops import triton_dwconv as td
+    widths = {"colsum": global_access_widths(compile_colsum(C, "*bf16", 0))}
+    block_h, block_c, num_warps = td.tiles(14, C)
+    vec = channel_split(C)[1]
+    consts = dict(ACT=1, STORE_PRE=False, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_BIAS=True,
+                  FLIP_TAPS=False)
+    widths["dwconv fwd"] = global_access_widths(compile_sm90(
+        td._dwconv_fwd, consts, {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16",
+        num_warps))
+    widths["dwconv wgrad"] = global_access_widths(compile_sm90(
+        td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec),
+        {k: "i32" for k in ("H", "W", "CV", "NHB", "NRB", "PER_PROGRAM")}, {"X", "GO", "G"}, "*bf16", num_warps))
+    for name, w in widths.items():
+        assert not any("U16" in x or "S16" in x for x in w), (name, w)
+    assert ".128" in widths["colsum"] or ".64" in widths["colsum"], widths["colsum"]
 
 
 

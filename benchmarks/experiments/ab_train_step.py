@@ -15,6 +15,9 @@ AB_KEEP   the ConvFFN recompute keeps the conv's pre-activation (models/layers.p
 AB_FC2SKIP the ConvFFN recompute skips fc2's GEMM (fast_linear.outputs_unused in models/layers.py)
 AB_MODOUT the modulation returns the autocast dtype to proj (models/mixer.py; 0: float32, cast by proj)
 AB_LNCOPY the mixer's LayerNorm also writes the bf16 in_proj input (models/mixer.py; 0: a torch cast)
+AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util.channel_split; 0: as a
+          plain integer again, which Triton specializes only on divisibility by 16: 2-byte accesses at
+          C = 348, 424)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
@@ -25,7 +28,7 @@ AB_BNRELU the stem's BatchNorm + ReLU in Triton (ops/batchnorm.py; 0: torch's Ba
 AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre-activation was
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
-after the ninth set's last device call: not yet measured.
+after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set.
 """
 import contextlib
 import os
@@ -52,6 +55,12 @@ if os.environ.get("AB_LNCOPY", "1") == "0":
         xn, pooled = _ln_pool(x, w, b, eps)
         return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))
     mixer.layernorm_pool = _ln_pool_cast
+if os.environ.get("AB_WIDTH", "1") == "0":
+    import groupmamba.ops.triton_colsum as _colsum  # noqa: E402
+
+    def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
+        return (n // 16, 16) if n % 16 == 0 else (n, 1)
+    triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"

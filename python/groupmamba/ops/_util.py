@@ -53,3 +53,12 @@ class ThreadFlag:
             yield
         finally:
             self._local.on = prev
+
+
+def channel_split(n: int):
+    """(n // vec, vec) for vec the largest power of two <= 16 dividing n. Kernels take a row width as
+    NV * VEC: Triton specializes an integer argument only on divisibility by 16, so a width like 424 or
+    348 (GroupMamba-B / -T stage 3) reached the compiler with no known factor, and every row offset
+    (row * N) could be odd: the loads and stores along the row were 2 bytes wide instead of 16."""
+    vec = min(16, n & -n) if n > 0 else 1
+    return n // vec, vec

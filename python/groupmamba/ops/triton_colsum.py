@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._util import channel_split
 from .triton_act import gelu_grad, silu_grad
 
 # BLOCK_M x BLOCK_N tile per loop step; PROGRAMS: about how many programs to launch (a few per SM)
@@ -21,12 +22,14 @@ CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 4, "programs": 1024}
 ACT_GRADS = {"silu": 1, "gelu": 2}   # ACT codes of _colsum_partial (0: plain column sum)
 
 
-@triton.jit(do_not_specialize=["M", "ROWS"])
-def _colsum_partial(G, P, M, N, ROWS, PRE, GPRE, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+@triton.jit(do_not_specialize=["M", "NV", "ROWS"])
+def _colsum_partial(G, P, M, NV, ROWS, PRE, GPRE, ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, VEC: tl.constexpr):
     """P[pid_m, cols] = sum of G[rows of this program's block, cols] in fp32. ACT 1 (SiLU) / 2 (exact
     erf-form GELU): the rows are first G * act'(PRE), computed in fp32 (triton_act) and stored
-    to GPRE in its dtype; the sums add the stored (rounded) values. PRE and GPRE are unused at ACT 0."""
+    to GPRE in its dtype; the sums add the stored (rounded) values. PRE and GPRE are unused at ACT 0.
+    N = NV * VEC columns (channel_split)."""
+    N = NV * VEC
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -88,7 +91,8 @@ def _column_sums(g, pre, gpre, act: int, op: str):
     if rows * N >= 2 ** 31:
         raise ValueError(f"{op}: a block of {rows} rows x {N} columns needs 64-bit offsets")
     partial = torch.empty(progs_m, N, device=g.device, dtype=torch.float32)
-    _colsum_partial[(progs_m, n_blocks)](g, partial, M, N, rows, g if pre is None else pre,
-                                         g if gpre is None else gpre, ACT=act, BLOCK_M=bm, BLOCK_N=bn,
+    nv, vec = channel_split(N)
+    _colsum_partial[(progs_m, n_blocks)](g, partial, M, nv, rows, g if pre is None else pre,
+                                         g if gpre is None else gpre, ACT=act, BLOCK_M=bm, BLOCK_N=bn, VEC=vec,
                                          num_warps=CONFIG["num_warps"])
     return partial.sum(0) if progs_m > 1 else partial[0]

@@ -5,7 +5,7 @@ x (B, H, W, C) contiguous (the model's (B, L, C) tokens), weight as (9, C) fp32 
 Forward (_dwconv_fwd): a program owns BLOCK_H output rows x BLOCK_C channels of one image and walks
 along W with the 3x3 input window in registers, so each output column costs 3 loads instead of 9 and
 the row masks are computed once per program. Loads and stores run along C, 16-byte vectors when
-C % 8 == 0 (bf16). Accumulate in fp32, add bias, SiLU or exact (erf-form) GELU (triton_act: the
+C % 8 == 0 (bf16; C reaches the kernel as CV * VEC so the compiler knows it: _util.channel_split). Accumulate in fp32, add bias, SiLU or exact (erf-form) GELU (triton_act: the
 activation, not the conv, was most of this kernel's instructions), store in x's dtype.
 History, H200, GroupMamba-T stage-1 FFN conv (C=512 at 56x56, B=128, bf16): the first kernel (one tile
 of flattened positions, nine shifted tile loads, 64-bit per-element addresses) took 2.6 ms with 255
@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._util import ThreadFlag
+from ._util import ThreadFlag, channel_split
 from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
@@ -135,12 +135,13 @@ def _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS: tl.constexpr = True, FLIP: tl.con
     return taps + (bias,)
 
 
-@triton.jit(do_not_specialize=["H", "W", "NHB"])
-def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, C, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, HAS_BIAS: tl.constexpr = True,
+@triton.jit(do_not_specialize=["H", "W", "CV", "NHB"])
+def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, CV, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr = True,
                 FLIP_TAPS: tl.constexpr = False):
     """act(conv + bias) for a tile of BLOCK_H rows x BLOCK_C channels; see the module docstring. FLIP_TAPS
     and no HAS_BIAS: the backward's dx pass (the taps rotated by 180 degrees, no bias)."""
+    C = CV * VEC  # see _util.channel_split
     pid = tl.program_id(0)
     b = pid // NHB
     hh = (pid % NHB) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -199,14 +200,15 @@ def _grad_col(gobase, gbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, 
             a7 + g * md, a8 + g * rd, a9 + g)
 
 
-@triton.jit(do_not_specialize=["H", "W", "NHB", "NRB", "PER_PROGRAM"])
-def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, C, NHB, NRB, PER_PROGRAM, ACT: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.jit(do_not_specialize=["H", "W", "CV", "NHB", "NRB", "PER_PROGRAM"])
+def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, CV, NHB, NRB, PER_PROGRAM, ACT: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """The backward's activation derivative, weight and bias gradients in one pass over x and grad_out.
     Program (p, c) walks row blocks p*PER_PROGRAM .. (p+1)*PER_PROGRAM - 1 of the B*NHB blocks of BLOCK_H
     rows (channels c*BLOCK_C ...) with _dwconv_fwd's sliding window over x; it stores G = grad_out *
     act'(pre) (ACT 0: nothing, G is grad_out) and its fp32 partial sums DWP[p, k, c] of G * x shifted by
     tap k (k < 9) and of G (k = 9), summed over programs afterwards in a fixed order (deterministic)."""
+    C = CV * VEC  # see _util.channel_split
     pid = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cok = cs < C
@@ -269,8 +271,9 @@ def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = Fal
     if out.numel():
         bh, bc, nw = tiles(H, C)
         nhb = triton.cdiv(H, bh)
-        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, H, W, C, nhb,
-                                                   ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc,
+        cv, vec = channel_split(C)
+        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, H, W, cv, nhb,
+                                                   ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc, VEC=vec,
                                                    HAS_BIAS=bias is not None, FLIP_TAPS=flip_taps, num_warps=nw)
     return (out, pre) if keep_pre else out
 
@@ -286,8 +289,9 @@ def _conv_grads(x, grad_out, taps, bias, act: str):
     programs = triton.cdiv(n_blocks, per_program)
     g = grad_out if act == "none" else torch.empty_like(grad_out)
     partial = torch.empty(programs, 10, C, device=x.device, dtype=torch.float32)
-    _dwconv_wgrad[(programs, n_cblocks)](x, grad_out, taps, bias, g, partial, H, W, C, nhb, n_blocks,
-                                         per_program, ACT=ACTS[act], BLOCK_H=bh, BLOCK_C=bc, num_warps=nw)
+    cv, vec = channel_split(C)
+    _dwconv_wgrad[(programs, n_cblocks)](x, grad_out, taps, bias, g, partial, H, W, cv, nhb, n_blocks,
+                                         per_program, ACT=ACTS[act], BLOCK_H=bh, BLOCK_C=bc, VEC=vec, num_warps=nw)
     sums = partial.sum(0)
     return g, sums[:9], sums[9]
 

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._util import identity as _identity, use_library_ops
+from ._util import channel_split, identity as _identity, use_library_ops
 
 NAMESPACE = "groupmamba_triton"
 
@@ -38,11 +38,6 @@ def AUTO_ELEMS(block_c: int, backward: bool = False) -> int:
     beat 4096 and 2048 by 11-18% at C = 64, 128; 2048 beat 4096 by 23-33% at C = 348, 448. The backward
     at C = 192 (GroupMamba-B stage 2, 256 padded columns): 618 us with 8192 against 872 with 2048."""
     return 8192 if block_c <= (256 if backward else 128) else 2048
-
-
-def _vec(C: int) -> int:
-    """Largest power of two (<= 16) dividing C: lets loads and stores use wide vectors (C = 348 = 4*87)."""
-    return min(16, C & -C)
 
 
 def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
@@ -195,8 +190,8 @@ def _ln_pool_fwd_impl(x, weight, bias, eps, wrap, copy_dtype=None):
     stats = torch.empty((2, B, L), device=x.device, dtype=torch.float32)   # mean, rstd
     part = torch.empty((B, T, C), device=x.device, dtype=torch.float32)
     wrap(_ln_pool_fwd)[(B * T,)](
-        x, weight, bias, xn, xn2, stats[0], stats[1], part, L, C // _vec(C), T, eps,
-        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), COPY=copy_dtype is not None, num_warps=nw)
+        x, weight, bias, xn, xn2, stats[0], stats[1], part, L, channel_split(C)[0], T, eps,
+        BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1], COPY=copy_dtype is not None, num_warps=nw)
     pooled = part.sum(dim=1).mul_(1.0 / L).to(x.dtype)
     return (xn, pooled, stats) if copy_dtype is None else (xn, pooled, stats, xn2)
 
@@ -208,7 +203,7 @@ def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap, grad_copy=No
     wpart = torch.empty((2, B * T, C), device=x.device, dtype=torch.float32)   # dweight, dbias partials
     wrap(_ln_pool_bwd)[(B * T,)](
         x, weight, stats[0], stats[1], grad_xn, grad_xn if grad_copy is None else grad_copy, grad_pooled, dx,
-        wpart[0], wpart[1], L, C // _vec(C), T, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C),
+        wpart[0], wpart[1], L, channel_split(C)[0], T, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1],
         COPY=grad_copy is not None, num_warps=nw)
     return dx, wpart.sum(dim=1).to(weight.dtype)          # (2, C): dweight, dbias
 
@@ -219,8 +214,8 @@ def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, wra
     out = torch.empty((B, L, C), device=y_all.device, dtype=out_dtype)
     stats = torch.empty((2, B, L), device=y_all.device, dtype=torch.float32)
     wrap(_mod_ln_fwd)[(B * T,)](
-        y_all, xn, s, skip_scale, weight, bias, out, stats[0], stats[1], L, C // _vec(C), T, eps,
-        BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+        y_all, xn, s, skip_scale, weight, bias, out, stats[0], stats[1], L, channel_split(C)[0], T, eps,
+        BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1], num_warps=nw)
     return out, stats
 
 
@@ -233,7 +228,7 @@ def _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, wrap):
     wpart = torch.empty((2, B * T, C), device=y_all.device, dtype=torch.float32)
     wrap(_mod_ln_bwd)[(B * T,)](
         grad_out, y_all, xn, s, skip_scale, weight, stats[0], stats[1], dy, dxn, qp, wpart[0], wpart[1],
-        L, C // _vec(C), T, BLOCK_L=bl, BLOCK_C=bc, VEC=_vec(C), num_warps=nw)
+        L, channel_split(C)[0], T, BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1], num_warps=nw)
     q = qp.sum(dim=1)                                   # (B, C): sum_L dz * y * xn
     # d skip = sum_bc s * q (tiny: LayerNorm is scale-invariant, only eps makes it nonzero); d s = skip * q
     dskip = torch.vdot(q.view(-1), s.reshape(-1).float()).reshape(skip_scale.shape).to(skip_scale.dtype)
