@@ -13,6 +13,7 @@ def run(B, H, W, d, N, dtype, chunk):
     torch.cuda.synchronize()
 for args in [(2, 9, 7, 16, 1, torch.bfloat16, 16), (2, 5, 6, 87, 1, torch.float32, 8), (1, 4, 5, 3, 2, torch.float16, 3),
              (2, 7, 7, 128, 1, torch.bfloat16, 64), (2, 14, 14, 32, 1, torch.float32, 64),
-             (2, 9, 11, 87, 1, torch.bfloat16, 12)]:  # forward segments of 28 steps, chunks of 12
+             (2, 9, 11, 87, 1, torch.bfloat16, 12),  # forward segments of 28 steps, chunks of 12
+             (2, 6, 7, 106, 1, torch.bfloat16, 32)]:  # two-element vectors (d even, not a multiple of 4)
     run(*args)
 print("sanitize script done")

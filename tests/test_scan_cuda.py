@@ -80,7 +80,7 @@ def test_stage_shapes_fp32(stage):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("stage", ["T1", "T2", "T3", "B4"])
+@pytest.mark.parametrize("stage", ["T1", "T2", "T3", "B3", "B4"])   # B3: d = 106, pairs of channels
 def test_stage_shapes_half(stage, dtype):
     hw, C = STAGES[stage]
     ref, got = _ref_and_cuda(2, hw, hw, C // 4, dtype=dtype)
@@ -90,6 +90,7 @@ def test_stage_shapes_half(stage, dtype):
 ODD = [  # (B, H, W, d, N)
     (2, 1, 1, 16, 1), (2, 1, 7, 16, 1), (2, 7, 1, 8, 1), (3, 5, 9, 16, 1), (2, 6, 10, 32, 1),
     (2, 9, 5, 87, 1), (2, 5, 9, 1, 1), (2, 5, 9, 16, 4), (1, 4, 6, 3, 2), (2, 7, 7, 128, 1),
+    (2, 9, 5, 106, 1), (2, 3, 4, 2, 1),   # even d, not a multiple of 4: two-element vectors
 ]
 
 

@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <cstring>
 #include <tuple>
 
@@ -945,8 +946,32 @@ void dispatch_type(at::ScalarType st, Fn&& fn) {
   }
 }
 
+// Widest vector (4, 2 or 1 elements) for the fast kernels' accesses at (position, g*d + c0 + q): every offset is a
+// multiple of it when d is, and each pointer must be aligned to it. d = 106 (GroupMamba-B stage 3) takes pairs:
+// 4-byte bf16 loads instead of 2-byte ones.
 template <typename T>
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) % (kCPT * sizeof(T))) == 0; }
+int vector_width(int64_t d, std::initializer_list<const void*> ptrs) {
+  for (int v : {kCPT, 2}) {
+    bool ok = d % v == 0;
+    for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % (v * sizeof(T)) == 0;
+    if (ok) return v;
+  }
+  return 1;
+}
+
+// The fast kernels' instantiation for a vector width and the lanes per step (LV 5: up to 32 lanes, else 8).
+template <typename T>
+auto pick_fwd(int vec, bool wide) {
+  if (vec == kCPT) return wide ? fwd_fast_kernel<T, kCPT, kKF, 5> : fwd_fast_kernel<T, kCPT, kKF, 3>;
+  if (vec == 2) return wide ? fwd_fast_kernel<T, 2, kKF, 5> : fwd_fast_kernel<T, 2, kKF, 3>;
+  return wide ? fwd_fast_kernel<T, 1, kKF, 5> : fwd_fast_kernel<T, 1, kKF, 3>;
+}
+template <typename T>
+auto pick_bwd(int vec, bool wide) {
+  if (vec == kCPT) return wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>;
+  if (vec == 2) return wide ? bwd_fast_kernel<T, 2, kKB, 5> : bwd_fast_kernel<T, 2, kKB, 3>;
+  return wide ? bwd_fast_kernel<T, 1, kKB, 5> : bwd_fast_kernel<T, 1, kKB, 3>;
+}
 
 ParamPtrs param_ptrs(const at::Tensor& Wx, const at::Tensor& Wdt, const at::Tensor& bias, const at::Tensor& Alog,
                      const at::Tensor& D) {
@@ -989,10 +1014,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u_, const at:
       unsigned* flags = reinterpret_cast<unsigned*>(fl.data_ptr<int>());
       LookBack lb{ws.data_ptr<float>(), ws.data_ptr<float>() + (size_t)pl.nrec * s.d * 2, flags,
                   flags + (size_t)pl.nrec * s.d};
-      const bool vec = s.d % kCPT == 0 && aligned16<T>(up) && aligned16<T>(yp);
-      const bool wide = pl.p.cvp > 8;
-      auto kern = vec ? (wide ? fwd_fast_kernel<T, kCPT, kKF, 5> : fwd_fast_kernel<T, kCPT, kKF, 3>)
-                      : (wide ? fwd_fast_kernel<T, 1, kKF, 5> : fwd_fast_kernel<T, 1, kKF, 3>);
+      auto kern = pick_fwd<T>(vector_width<T>(s.d, {up, yp}), pl.p.cvp > 8);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem));
       kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, up, yp, states.data_ptr<float>(), prm, lb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1056,10 +1078,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       unsigned* flags = reinterpret_cast<unsigned*>(fl.data_ptr<int>());
       LookBack lb{ws.data_ptr<float>(), ws.data_ptr<float>() + (size_t)pl.nrec * s.d * 2, flags,
                   flags + (size_t)pl.nrec * s.d};
-      const bool vec = s.d % kCPT == 0 && aligned16<T>(up) && aligned16<T>(dyp) && aligned16<T>(dup);
-      const bool wide = pl.p.cvp > 8;
-      auto kern = vec ? (wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>)
-                      : (wide ? bwd_fast_kernel<T, 1, kKB, 5> : bwd_fast_kernel<T, 1, kKB, 3>);
+      auto kern = pick_bwd<T>(vector_width<T>(s.d, {up, dyp, dup}), pl.p.cvp > 8);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem));
       kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, dyp, up, dup, states.data_ptr<float>(), prm, lb,
                                                      partial.data_ptr<float>());
