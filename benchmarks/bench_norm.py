@@ -10,8 +10,7 @@ Two uses per block, as the model runs them under bf16 autocast (B=128, 224x224):
 (plus the fp32 mean / rstd per row and group). Device time of CUDA-graph replays, median; "bwd" is the
 kernel plus the weight / bias partial sums, as the training step runs it; "kernel" the backward kernel
 alone (at triton_norm.bwd_elems' tile size) and "sums" the partial sums alone (triton_colsum.column_sum);
---elems also times the backward kernel at other tile sizes (elements per program), --programs the whole
-backward (kernel + sums) with its programs capped (triton_norm.CONFIG["bwd_programs"]; 0: one per tile). GB/s over the measured
+--elems also times the backward kernel at other tile sizes (elements per program). GB/s over the measured
 device-to-device copy bandwidth (read + write) of the same run. Input sets rotate so nothing runs from L2.
 The markdown table is printed and, if $OUT is set, written to $OUT/bench_norm.md.
 """
@@ -58,7 +57,6 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="T,B")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--elems", default="", help="comma list of tile sizes for the backward kernel sweep")
-    ap.add_argument("--programs", default="", help="comma list of backward program caps for a sweep")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_norm: needs a CUDA device")
@@ -69,11 +67,9 @@ def main(argv=None) -> int:
                 f"{copy:.0f} GB/s (read + write)")
     emit(lines, "")
     sweep = [int(e) for e in args.elems.split(",") if e]
-    caps = [int(p) for p in args.programs.split(",") if p]
     emit(lines, "| model | stage | C | use | G x d | fwd us | fwd GB/s | fwd % copy | bwd us | bwd GB/s | bwd % copy | "
-                "kernel us | sums us |" + "".join(f" kernel {e} |" for e in sweep)
-         + "".join(f" bwd, {p} programs |" for p in caps))
-    emit(lines, "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(sweep) + len(caps)))
+                "kernel us | sums us |" + "".join(f" kernel {e} |" for e in sweep))
+    emit(lines, "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(sweep))
     for model in args.models.split(","):
         for stage, (C, L) in enumerate(zip(MODELS[model], TOKENS), 1):
             for use, cfg in cases(args.batch, C, L):
@@ -108,11 +104,6 @@ def main(argv=None) -> int:
                 ms = lambda fn: graph_ms(lambda: [fn() for _ in range(n_sets)], args.iters) / n_sets  # noqa: E731
                 tf, tb, tk, ts = ms(fwd), ms(bwd), ms(kernel), ms(sums)
                 tsweep = [ms(lambda e=e: kernel(e)) for e in sweep]
-                saved_cap = tn.CONFIG["bwd_programs"]
-                for cap in caps:
-                    tn.CONFIG["bwd_programs"] = cap
-                    tsweep.append(ms(bwd))
-                tn.CONFIG["bwd_programs"] = saved_cap
                 gbf = cfg["fwd_bytes"] * elems / tf / 1e6
                 gbb = cfg["bwd_bytes"] * elems / tb / 1e6
                 emit(lines, f"| {model} | {stage} | {C} | {use} | {cfg['G']} x {cfg['d']} | {tf * 1e3:.1f} | {gbf:.0f} | "

@@ -12,8 +12,7 @@
 #   gemm:    benchmarks/bench_gemm.py (T's Linear GEMMs as cuBLAS runs them and padded; bias column sums;
 #            GEMM_TIMEOUT=120)
 #   norm:    benchmarks/bench_norm.py (the grouped LayerNorm forward/backward at every T and B stage, % of copy
-#            bandwidth; NORM_BENCH_ARGS, e.g. "--elems 1024,2048,8192" for a backward tile sweep or "--programs
-#            0,1024" for the backward program cap; NORM_TIMEOUT=100)
+#            bandwidth; NORM_BENCH_ARGS, e.g. "--elems 1024,2048,8192" for a backward tile sweep; NORM_TIMEOUT=100)
 #   scan:    benchmarks/bench_scan.py at grouped_scan's default chunk per shape, or once per chunk length in
 #            SCAN_CHUNKS (a sweep); SCAN_BENCH_ARGS, default "--models T,B --dtypes bf16 --naive ''";
 #            SCAN_TIMEOUT=60 per run)

@@ -144,10 +144,6 @@ def _interpret_checks():
         tn.CONFIG.update(elems=64, bwd_elems=64)
         inp = make((3, 29, 40), 4, 10, True)
         compare(run(N.group_layer_norm_fused, inp), hand64(inp), 1e-5, 1e-4, "interpreter small tiles")
-        for programs in (5, 7):   # several tiles per backward program, a shorter last program
-            tn.CONFIG.update(bwd_programs=programs)
-            compare(run(N.group_layer_norm_fused, inp), hand64(inp), 1e-5, 1e-4, f"interpreter {programs} programs")
-        tn.CONFIG.update(bwd_programs=0)
         tn.CONFIG.update(elems=None, bwd_elems=None, eager_library_ops=True)  # the torch.compile path, run eagerly
         inp = make((2, 6, 348), 4, 87, True)
         compare(run(N.group_layer_norm_fused, inp), hand64(inp), 1e-5, 1e-4, "interpreter torch.library ops")
@@ -189,18 +185,6 @@ def test_gpu_fused_vs_float64(case, dt):
     tol, tol_wb = (1e-5, 1e-4) if dt == torch.float32 else (1e-2, 1e-2)
     compare(res, hand64(inp), tol, tol_wb, f"gpu {dt} {case}")
     assert res["dx"].dtype == dt
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("programs", [7, 1000])
-@pytest.mark.parametrize("case", [((4, 56, 56, 96), 4, 24, True), ((8, 196, 424), 1, 424, False)], ids=str)
-def test_gpu_backward_programs_over_several_tiles(case, programs, monkeypatch):
-    """The backward with its programs capped (triton_norm.CONFIG["bwd_programs"]): each program walks several
-    tiles and sums their weight / bias partials; the last program gets fewer tiles."""
-    monkeypatch.setitem(N._tn.CONFIG, "bwd_programs", programs)
-    inp = make(*case, dtype=torch.bfloat16, device="cuda")
-    poison_cuda_cache()
-    compare(run(N.group_layer_norm, inp), hand64(inp), 1e-2, 1e-2, f"gpu {programs} programs {case}")
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ POINTERS = {
     "_mod_ln_fwd": {"Y", "XN", "S", "OUT"},
     "_mod_ln_bwd": {"G", "Y", "XN", "S", "DY", "DXN"},
 }
-INTS = {"L", "CV", "T", "NT"}
+INTS = {"L", "CV", "T"}
 
 
 def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps, pointer_dtypes=None):
@@ -95,7 +95,7 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
     block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems)
     consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    compiled = compile_sm90(kernel, consts, {"M": "i32", "NT": "i32", "eps": "fp32"}, NORM_ACT[name], act, num_warps)
+    compiled = compile_sm90(kernel, consts, {"M": "i32", "eps": "fp32"}, NORM_ACT[name], act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
 

@@ -18,10 +18,6 @@ AB_LNCOPY the mixer's LayerNorm also writes the bf16 in_proj input (models/mixer
 AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util.channel_split; 0: as a
           plain integer again, which Triton specializes only on divisibility by 16: 2-byte accesses at
           C = 348, 424)
-AB_NORMPROGS=N  the grouped LayerNorm backward capped at N programs, each over several tiles
-          (triton_norm.CONFIG["bwd_programs"]; default: as shipped)
-AB_MODNT=N  the mixer's LayerNorm / modulation backwards with N tiles per program
-          (triton_modulation.CONFIG["bwd_tiles_per_program"]; default: as shipped)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
@@ -65,12 +61,6 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
         return (n // 16, 16) if n % 16 == 0 else (n, 1)
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
-if "AB_MODNT" in os.environ:
-    import groupmamba.ops.triton_modulation as _mod  # noqa: E402
-    _mod.CONFIG["bwd_tiles_per_program"] = int(os.environ["AB_MODNT"])
-if "AB_NORMPROGS" in os.environ:
-    import groupmamba.ops.triton_norm as _norm  # noqa: E402
-    _norm.CONFIG["bwd_programs"] = int(os.environ["AB_NORMPROGS"])
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"

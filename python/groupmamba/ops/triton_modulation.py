@@ -30,9 +30,7 @@ NAMESPACE = "groupmamba_triton"
 
 # Elements (BLOCK_L * BLOCK_C) per program; None: AUTO_ELEMS. The benchmark sweeps these.
 # eager_library_ops: use the torch.library ops outside torch.compile too (slower host path; for tests).
-# bwd_tiles_per_program: the backward programs each walk this many consecutive tiles of one batch and write
-# one row of partial sums for all of them (1: a program and a partial row per tile)
-CONFIG = {"fwd_elems": None, "bwd_elems": None, "bwd_tiles_per_program": 1, "eager_library_ops": False}
+CONFIG = {"fwd_elems": None, "bwd_elems": None, "eager_library_ops": False}
 
 
 def AUTO_ELEMS(block_c: int, backward: bool = False) -> int:
@@ -51,14 +49,6 @@ def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
     return block_l, block_c, n_tiles, num_warps
 
 
-def _bwd_tiles(L: int, C: int):
-    """The backwards' (BLOCK_L, BLOCK_C, programs per batch, tiles per program, num_warps): the tiles of
-    _tiles(backward=True), CONFIG["bwd_tiles_per_program"] of them per program (fewer partial rows)."""
-    bl, bc, n_tiles, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
-    nt = max(1, min(CONFIG["bwd_tiles_per_program"], n_tiles))
-    return bl, bc, triton.cdiv(n_tiles, nt), nt, nw
-
-
 # ----------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------
@@ -67,22 +57,14 @@ def _row_tile(pid, L, C, T, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program pid's tile: batch b, its BLOCK_L rows (tile pid % T of batch b) x BLOCK_C columns, the
     row/column/tile masks, the global row index and the element offsets of the (rows, C) view."""
     b = pid // T
-    cols, rmask, cmask, mask, row, offs = _batch_tile(b, pid % T, L, C, BLOCK_L, BLOCK_C)
-    return b, cols, rmask, cmask, mask, row, offs
-
-
-@triton.jit
-def _batch_tile(b, tile, L, C, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Tile `tile` of batch b (rows past L masked, so a tile index past the batch's last is all masked):
-    cols, the row/column/tile masks, the global row index and the element offsets."""
-    rl = tile * BLOCK_L + tl.arange(0, BLOCK_L)
+    rl = (pid % T) * BLOCK_L + tl.arange(0, BLOCK_L)
     cols = tl.arange(0, BLOCK_C)
     rmask = rl < L
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     row = b.to(tl.int64) * L + rl
     offs = row[:, None] * C + cols[None, :]
-    return cols, rmask, cmask, mask, row, offs
+    return b, cols, rmask, cmask, mask, row, offs
 
 
 @triton.jit
@@ -126,39 +108,30 @@ def _ln_pool_fwd(X, W, Bias, XN, XN2, MEAN, RSTD, PART, L, CV, T, eps,
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
-def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GXN2, GP, DX, DWP, DBP, L, CV, T, NT, inv_L,
+def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GXN2, GP, DX, DWP, DBP, L, CV, T, inv_L,
                  BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr = False):
     """dx from the gradients of xn, of the pooled mean and, with COPY, of the copy of xn (GXN2: added to
-    GXN's in float32 first, as autograd would have summed the two). Program pid: batch pid // T, its tiles
-    (pid % T) * NT ... (T programs per batch, NT tiles each); DWP / DBP[pid]: their weight / bias sums."""
+    GXN's in float32 first, as autograd would have summed the two)."""
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
-    b = pid // T
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + row, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     gp = tl.load(GP + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * inv_L
+    g = tl.load(GXN + offs, mask=mask, other=0.0).to(tl.float32)
+    if COPY:
+        g = g + tl.load(GXN2 + offs, mask=mask, other=0.0).to(tl.float32)
+    g = g + gp[None, :]
+    g = tl.where(mask, g, 0.0)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(0, NT):
-        _c, rmask, _cm, mask, row, offs = _batch_tile(b, (pid % T) * NT + i, L, C, BLOCK_L, BLOCK_C)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=rmask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        g = tl.load(GXN + offs, mask=mask, other=0.0).to(tl.float32)
-        if COPY:
-            g = g + tl.load(GXN2 + offs, mask=mask, other=0.0).to(tl.float32)
-        g = g + gp[None, :]
-        g = tl.where(mask, g, 0.0)
-        dxhat = g * w[None, :]
-        dx = _layer_norm_rows_bwd(dxhat, xhat, rstd, C)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        acc_w += tl.sum(g * xhat, axis=0)
-        acc_b += tl.sum(g, axis=0)
+    dxhat = g * w[None, :]
+    dx = _layer_norm_rows_bwd(dxhat, xhat, rstd, C)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     poffs = pid.to(tl.int64) * C + cols
-    tl.store(DWP + poffs, acc_w, mask=cmask)
-    tl.store(DBP + poffs, acc_b, mask=cmask)
+    tl.store(DWP + poffs, tl.sum(g * xhat, axis=0), mask=cmask)
+    tl.store(DBP + poffs, tl.sum(g, axis=0), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
@@ -178,42 +151,30 @@ def _mod_ln_fwd(Y, XN, S, SKIP, W, Bias, OUT, MEAN, RSTD, L, CV, T, eps,
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
-def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, T, NT,
+def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, T,
                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
-    """Program pid: batch pid // T, its tiles (pid % T) * NT ... (as _ln_pool_bwd); QP / DWP / DBP[pid]: their
-    sums of dz * y * xn (for ds and dskip), of g * zhat (dweight) and of g (dbias)."""
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
-    b = pid // T
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
     skip = tl.load(SKIP).to(tl.float32)
     a = tl.load(S + b.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32) * skip
+    mean = tl.load(MEAN + row, mask=rmask, other=0.0)
+    rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
+    yx = y * xn
+    zhat = tl.where(mask, (yx * a[None, :] - mean[:, None]) * rstd[:, None], 0.0)
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc_q = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(0, NT):
-        _c, rmask, _cm, mask, row, offs = _batch_tile(b, (pid % T) * NT + i, L, C, BLOCK_L, BLOCK_C)
-        y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-        xn = tl.load(XN + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + row, mask=rmask, other=0.0)
-        rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
-        yx = y * xn
-        zhat = tl.where(mask, (yx * a[None, :] - mean[:, None]) * rstd[:, None], 0.0)
-        dzhat = g * w[None, :]
-        dz = tl.where(mask, _layer_norm_rows_bwd(dzhat, zhat, rstd, C), 0.0)
-        dza = dz * a[None, :]
-        tl.store(DY + offs, (dza * xn).to(DY.dtype.element_ty), mask=mask)
-        tl.store(DXN + offs, (dza * y).to(DXN.dtype.element_ty), mask=mask)
-        acc_q += tl.sum(dz * yx, axis=0)
-        acc_w += tl.sum(g * zhat, axis=0)
-        acc_b += tl.sum(g, axis=0)
+    dzhat = g * w[None, :]
+    dz = tl.where(mask, _layer_norm_rows_bwd(dzhat, zhat, rstd, C), 0.0)
+    dza = dz * a[None, :]
+    tl.store(DY + offs, (dza * xn).to(DY.dtype.element_ty), mask=mask)
+    tl.store(DXN + offs, (dza * y).to(DXN.dtype.element_ty), mask=mask)
     poffs = pid.to(tl.int64) * C + cols
-    tl.store(QP + poffs, acc_q, mask=cmask)
-    tl.store(DWP + poffs, acc_w, mask=cmask)
-    tl.store(DBP + poffs, acc_b, mask=cmask)
+    tl.store(QP + poffs, tl.sum(dz * yx, axis=0), mask=cmask)
+    tl.store(DWP + poffs, tl.sum(g * zhat, axis=0), mask=cmask)
+    tl.store(DBP + poffs, tl.sum(g, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,13 +198,13 @@ def _ln_pool_fwd_impl(x, weight, bias, eps, wrap, copy_dtype=None):
 
 def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap, grad_copy=None):
     B, L, C = x.shape
-    bl, bc, T, NT, nw = _bwd_tiles(L, C)
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
     dx = torch.empty_like(x)
     wpart = torch.empty((2, B * T, C), device=x.device, dtype=torch.float32)   # dweight, dbias partials
     wrap(_ln_pool_bwd)[(B * T,)](
         x, weight, stats[0], stats[1], grad_xn, grad_xn if grad_copy is None else grad_copy, grad_pooled, dx,
-        wpart[0], wpart[1], L, channel_split(C)[0], T, NT, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc,
-        VEC=channel_split(C)[1], COPY=grad_copy is not None, num_warps=nw)
+        wpart[0], wpart[1], L, channel_split(C)[0], T, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1],
+        COPY=grad_copy is not None, num_warps=nw)
     return dx, wpart.sum(dim=1).to(weight.dtype)          # (2, C): dweight, dbias
 
 
@@ -260,14 +221,14 @@ def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, wra
 
 def _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, wrap):
     B, L, C = y_all.shape
-    bl, bc, T, NT, nw = _bwd_tiles(L, C)
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
     dy = torch.empty_like(y_all)
     dxn = torch.empty_like(xn)
     qp = torch.empty((B, T, C), device=y_all.device, dtype=torch.float32)
     wpart = torch.empty((2, B * T, C), device=y_all.device, dtype=torch.float32)
     wrap(_mod_ln_bwd)[(B * T,)](
         grad_out, y_all, xn, s, skip_scale, weight, stats[0], stats[1], dy, dxn, qp, wpart[0], wpart[1],
-        L, channel_split(C)[0], T, NT, BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1], num_warps=nw)
+        L, channel_split(C)[0], T, BLOCK_L=bl, BLOCK_C=bc, VEC=channel_split(C)[1], num_warps=nw)
     q = qp.sum(dim=1)                                   # (B, C): sum_L dz * y * xn
     # d skip = sum_bc s * q (tiny: LayerNorm is scale-invariant, only eps makes it nonzero); d s = skip * q
     dskip = torch.vdot(q.view(-1), s.reshape(-1).float()).reshape(skip_scale.shape).to(skip_scale.dtype)

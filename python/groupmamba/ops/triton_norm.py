@@ -34,9 +34,7 @@ from .triton_act import sigmoid, silu
 from .triton_colsum import column_sum
 
 NAMESPACE = "groupmamba_triton"
-# bwd_programs: the backward launches at most this many programs, each looping over consecutive tiles and
-# writing one row of weight / bias partials (0: one program per tile, one partial row per tile)
-CONFIG = {"elems": None, "bwd_elems": None, "bwd_programs": 0, "eager_library_ops": False}
+CONFIG = {"elems": None, "bwd_elems": None, "eager_library_ops": False}
 
 
 def bwd_elems(M: int, G: int, d: int) -> int:
@@ -91,46 +89,35 @@ def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.cons
         tl.store(RSTD + sidx, rstd, mask=smask)
 
 
-@triton.jit(do_not_specialize=["M"])   # NT = 1 (the default) compiles to straight-line code
-def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, NT, G: tl.constexpr, D: tl.constexpr,
+@triton.jit(do_not_specialize=["M"])
+def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, G: tl.constexpr, D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr):
-    """dx [, dz] of tiles pid*NT .. pid*NT + NT - 1 (of BLOCK_M rows each); PART[pid] = their sums of g * xhat
-    (dweight) and of g (dbias), (2, G, D), accumulated tile by tile in a fixed order."""
+    """dx [, dz] of a tile; PART[pid] = this tile's sums of g * xhat (dweight) and of g (dbias), (2, G, D)."""
     pid = tl.program_id(0)
-    gs = tl.arange(0, G)
-    cs = tl.arange(0, BLOCK_D)
-    widx = gs[:, None] * D + cs[None, :]
-    wmask = (gs[:, None] < G) & (cs[None, :] < D)
+    offs, mask, widx, wmask, sidx, smask = _tile(pid, M, G, D, BLOCK_M, BLOCK_D)
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + sidx, mask=smask, other=0.0)
+    rstd = tl.load(RSTD + sidx, mask=smask, other=0.0)
+    xhat = tl.where(mask, (x - mean[:, :, None]) * rstd[:, :, None], 0.0)
     w = tl.load(W + widx, mask=wmask, other=0.0).to(tl.float32)
+    g = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         b = tl.load(Bias + widx, mask=wmask, other=0.0).to(tl.float32)
-    acc_w = tl.zeros((G, BLOCK_D), dtype=tl.float32)
-    acc_b = tl.zeros((G, BLOCK_D), dtype=tl.float32)
-    for i in range(0, NT):   # tiles past the last row (the last program's) are fully masked
-        offs, mask, _w, _m, sidx, smask = _tile(pid * NT + i, M, G, D, BLOCK_M, BLOCK_D)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(MEAN + sidx, mask=smask, other=0.0)
-        rstd = tl.load(RSTD + sidx, mask=smask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, :, None]) * rstd[:, :, None], 0.0)
-        g = tl.load(GO + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
-            sig = sigmoid(z)
-            ln = xhat * w[None, :, :] + b[None, :, :]
-            dz = g * ln * sig * (1.0 + z * (1.0 - sig))
-            tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
-            g = g * (z * sig)
-        g = tl.where(mask, g, 0.0)
-        dxhat = g * w[None, :, :]
-        c1 = tl.sum(dxhat * xhat, axis=2) / D
-        c2 = tl.sum(dxhat, axis=2) / D
-        dx = (dxhat - xhat * c1[:, :, None] - c2[:, :, None]) * rstd[:, :, None]
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        acc_w += tl.sum(g * xhat, axis=0)
-        acc_b += tl.sum(g, axis=0)
+        z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = sigmoid(z)
+        ln = xhat * w[None, :, :] + b[None, :, :]
+        dz = g * ln * sig * (1.0 + z * (1.0 - sig))
+        tl.store(DZ + offs, dz.to(DZ.dtype.element_ty), mask=mask)
+        g = g * (z * sig)
+    g = tl.where(mask, g, 0.0)
+    dxhat = g * w[None, :, :]
+    c1 = tl.sum(dxhat * xhat, axis=2) / D
+    c2 = tl.sum(dxhat, axis=2) / D
+    dx = (dxhat - xhat * c1[:, :, None] - c2[:, :, None]) * rstd[:, :, None]
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     poffs = pid.to(tl.int64) * (2 * G * D) + widx
-    tl.store(PART + poffs, acc_w, mask=wmask)
-    tl.store(PART + G * D + poffs, acc_b, mask=wmask)
+    tl.store(PART + poffs, tl.sum(g * xhat, axis=0), mask=wmask)
+    tl.store(PART + G * D + poffs, tl.sum(g, axis=0), mask=wmask)
 
 
 def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
@@ -146,23 +133,18 @@ def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
     return out, stats
 
 
-def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None, programs=None):
+def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None):
     """The backward kernel alone: (dx, dz or None, the (programs, 2 * G * d) weight / bias partials); elems:
-    elements per tile (default CONFIG["bwd_elems"] or bwd_elems); programs: at most this many programs, each
-    taking consecutive tiles (default CONFIG["bwd_programs"]; 0: one tile per program)."""
+    elements per program (default CONFIG["bwd_elems"] or bwd_elems)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
-    bm, bd, n_tiles, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
-    cap = CONFIG["bwd_programs"] if programs is None else programs
-    per_program = triton.cdiv(n_tiles, cap) if cap else 1
-    P = triton.cdiv(n_tiles, per_program)
+    bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else dx
     part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
     if M > 0:
         wrap(_gln_bwd)[(P,)](grad_out, x, x if z is None else z, weight, bias, stats[0], stats[1], dx, dz,
-                             part, M, per_program, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None,
-                             num_warps=nw)
+                             part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, num_warps=nw)
     else:
         part.zero_()
     return dx, (dz if z is not None else None), part
