@@ -26,8 +26,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <initializer_list>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 
 #include "scan_common.h"

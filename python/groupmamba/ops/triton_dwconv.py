@@ -5,8 +5,9 @@ x (B, H, W, C) contiguous (the model's (B, L, C) tokens), weight as (9, C) fp32 
 Forward (_dwconv_fwd): a program owns BLOCK_H output rows x BLOCK_C channels of one image and walks
 along W with the 3x3 input window in registers, so each output column costs 3 loads instead of 9 and
 the row masks are computed once per program. Loads and stores run along C, 16-byte vectors when
-C % 8 == 0 (bf16; C reaches the kernel as CV * VEC so the compiler knows it: _util.channel_split). Accumulate in fp32, add bias, SiLU or exact (erf-form) GELU (triton_act: the
-activation, not the conv, was most of this kernel's instructions), store in x's dtype.
+C % 8 == 0 (bf16; C reaches the kernel as CV * VEC so the compiler knows it: _util.channel_split).
+Accumulate in fp32, add bias, SiLU or exact (erf-form) GELU (triton_act: the activation, not the conv,
+was most of this kernel's instructions), store in x's dtype.
 History, H200, GroupMamba-T stage-1 FFN conv (C=512 at 56x56, B=128, bf16): the first kernel (one tile
 of flattened positions, nine shifted tile loads, 64-bit per-element addresses) took 2.6 ms with 255
 registers and spills; with 32-bit in-tile offsets 0.78 ms (88 SASS instructions per element, issue-
