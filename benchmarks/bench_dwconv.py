@@ -4,8 +4,8 @@
 
 Shapes: every dwconv of GroupMamba-T at B=128 (the mixer conv, C = 4*d, SiLU; the FFN conv, C = hidden,
 GELU), and GroupMamba-B's stage-1 and stage-3 FFN convs. Device time: CUDA-graph replays
-(benchutil.capture_graph), median. Bytes counted: the forward reads x and writes y (2 passes); forward + backward adds the backward's minimum (read x and grad_y,
-write grad_x: 3 passes), against the device-to-device copy bandwidth measured in the same run. torch =
+(benchutil.capture_graph), median. Bytes counted: the forward reads x and writes y (2 passes); forward +
+backward adds the backward's minimum (read x and grad_y, write grad_x: 3 passes), against the device-to-device copy bandwidth measured in the same run. torch =
 F.conv2d (channels_last, cuDNN) + activation, autograd for the backward, with the weights cast to x's
 dtype as autocast does. The fused backward recomputes the forward with the Triton kernel and then runs
 cuDNN's depthwise dgrad/wgrad. --sweep times the forward's tile configurations (triton_dwconv.CONFIG:
