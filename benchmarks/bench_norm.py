@@ -10,7 +10,9 @@ Two uses per block, as the model runs them under bf16 autocast (B=128, 224x224):
 (plus the fp32 mean / rstd per row and group). Device time of CUDA-graph replays, median; "bwd" is the
 kernel plus the weight / bias partial sums, as the training step runs it; "kernel" the backward kernel
 alone (at triton_norm.bwd_elems' tile size) and "sums" the partial sums alone (triton_colsum.column_sum);
---elems also times the backward kernel at other tile sizes (elements per program). GB/s over the measured
+--elems also times the backward kernel at other tile sizes (elements per program). --add times norm2 with
+the residual add before it (ops.add_layer_norm, forward + backward through autograd) against the separate
+add and norm2 it replaces, per stage. GB/s over the measured
 device-to-device copy bandwidth (read + write) of the same run. Input sets rotate so nothing runs from L2.
 The markdown table is printed and, if $OUT is set, written to $OUT/bench_norm.md.
 """
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="T,B")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--elems", default="", help="comma list of tile sizes for the backward kernel sweep")
+    ap.add_argument("--add", action="store_true", help="also time the fused residual add + norm2")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_norm: needs a CUDA device")
@@ -110,8 +113,40 @@ def main(argv=None) -> int:
                             f"{100 * gbf / copy:.0f}% | {tb * 1e3:.1f} | {gbb:.0f} | {100 * gbb / copy:.0f}% | "
                             f"{tk * 1e3:.1f} | {ts * 1e3:.1f} |" + "".join(f" {t * 1e3:.1f} |" for t in tsweep))
                 del sets, parts
+    if args.add:
+        add_norm_table(lines, args)
     write_report(os.environ.get("OUT"), "bench_norm.md", "\n".join(lines) + "\n")
     return 0
+
+
+def add_norm_table(lines, args):
+    """Fused residual add + norm2 vs x + r then norm2, forward + backward (fp32 x, bf16 residual and output,
+    cotangents for the sum and the output), device time of graph replays."""
+    from groupmamba.ops import norm as N
+    emit(lines, "")
+    emit(lines, "| model | stage | C | add + norm2 fused us | x + r, norm2 us | speed-up |")
+    emit(lines, "|---|---|---|---|---|---|")
+    for model in args.models.split(","):
+        for stage, (C, L) in enumerate(zip(MODELS[model], TOKENS), 1):
+            shape = (args.batch, L, C)
+            x = torch.randn(shape, device="cuda", requires_grad=True)
+            r = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            w = (1 + 0.1 * torch.randn(C, device="cuda")).requires_grad_()
+            b = (0.1 * torch.randn(C, device="cuda")).requires_grad_()
+            gs = torch.randn(shape, device="cuda")
+            go = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+
+            def fused():
+                s, out = N.add_layer_norm(x, r, w, b, 1e-6, out_dtype=torch.bfloat16)
+                torch.autograd.grad((s, out), (x, r, w, b), (gs, go))
+
+            def separate():
+                s = x + r
+                out = N.group_layer_norm(s, w, b, 1e-6, out_dtype=torch.bfloat16)
+                torch.autograd.grad((s, out), (x, r, w, b), (gs, go))
+            tf, ts = graph_ms(fused, args.iters), graph_ms(separate, args.iters)
+            emit(lines, f"| {model} | {stage} | {C} | {tf * 1e3:.1f} | {ts * 1e3:.1f} | {ts / tf:.2f}x |")
+            del x, r, w, b, gs, go
 
 
 if __name__ == "__main__":

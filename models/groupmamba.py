@@ -23,6 +23,9 @@ import torch.nn as nn
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
+from groupmamba.ops import add_layer_norm
+from groupmamba.ops._util import autocast_dtype
+
 from .layers import ConvFFN, DownSample, FFN, LayerNorm, Linear, Stem, init_weights, tokens_to_map
 from .mixer import GroupMambaLayer
 
@@ -59,8 +62,29 @@ class GroupMambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(x, H, W))
-        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+        r = self.attn(x, H, W)
+        norm2 = self.norm2
+        if isinstance(norm2, LayerNorm) and norm2.fused and norm2.weight is not None:
+            # the residual add and norm2 in one op (ops.add_layer_norm: one pass forward and backward on CUDA)
+            out_dtype = autocast_dtype(x) if norm2.autocast_output else None
+            x, h = add_layer_norm(x, r, norm2.weight, norm2.bias, norm2.eps, residual_scale=self._drop_scale(r),
+                                  out_dtype=out_dtype)
+        else:
+            x = x + self.drop_path(r)
+            h = norm2(x)
+        return x + self.drop_path(self.mlp(h, H, W))
+
+    def _drop_scale(self, r: torch.Tensor):
+        """The per-sample factors of timm's DropPath for r (the same draws from the same generator), as a
+        float32 (B,) vector; None when stochastic depth is off (eval mode, or a rate of 0)."""
+        dp = self.drop_path
+        if not isinstance(dp, DropPath) or not self.training or dp.drop_prob == 0.0:
+            return None
+        keep = 1.0 - dp.drop_prob
+        mask = r.new_empty((r.shape[0],) + (1,) * (r.dim() - 1)).bernoulli_(keep)
+        if keep > 0.0 and dp.scale_by_keep:
+            mask.div_(keep)
+        return mask.view(-1).float()
 
 
 class ClassBlock(nn.Module):

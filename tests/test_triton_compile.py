@@ -93,11 +93,31 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
     kernel = getattr(tn, name)
     elems = tn.bwd_elems(M, G, d) if name == "_gln_bwd" else None   # the launchers' tiles
     block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems)
-    consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True)
+    consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True, HAS_RES=False,
+                  HAS_SCALE=False)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
-    compiled = compile_sm90(kernel, consts, {"M": "i32", "eps": "fp32"}, NORM_ACT[name], act, num_warps)
+    compiled = compile_sm90(kernel, consts, {"M": "i32", "RPS": "i32", "eps": "fp32"}, NORM_ACT[name], act,
+                            num_warps)
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("M,d", [(401408, 96), (25088, 424), (6272, 512)])
+@pytest.mark.parametrize("name", sorted(NORM_ACT))
+def test_add_norm_kernels_compile_for_sm90(name, M, d, scale):
+    """The residual-add variants (add_layer_norm) as the block runs them under bf16 autocast: the float32
+    residual stream and sum, a bf16 residual branch, its bf16 gradient and the bf16 LayerNorm output."""
+    from groupmamba.ops import triton_norm as tn
+    kernel = getattr(tn, name)
+    elems = tn.bwd_elems(M, 1, d) if name == "_gln_bwd" else None
+    block_m, block_d, _, num_warps = tn.tiles(M, 1, d, elems)
+    consts = dict(G=1, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=False, SAVE_STATS=True, HAS_RES=True,
+                  HAS_SCALE=scale)
+    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+    bf16 = {"RES", "OUT", "GO", "DRES"}
+    compiled = compile_sm90(kernel, consts, {"M": "i32", "RPS": "i32", "eps": "fp32"}, bf16, "*bf16", num_warps)
+    assert len(compiled.asm["cubin"]) > 0
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])

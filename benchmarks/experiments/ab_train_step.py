@@ -18,6 +18,8 @@ AB_LNCOPY the mixer's LayerNorm also writes the bf16 in_proj input (models/mixer
 AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util.channel_split; 0: as a
           plain integer again, which Triton specializes only on divisibility by 16: 2-byte accesses at
           C = 348, 424)
+AB_ADDNORM the block's first residual add and norm2 as one op (ops.add_layer_norm; 0: x + drop_path(r),
+          then norm2, as before)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
@@ -61,6 +63,13 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
         return (n // 16, 16) if n % 16 == 0 else (n, 1)
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
+if os.environ.get("AB_ADDNORM", "1") == "0":
+    import groupmamba.models.groupmamba as _gm  # noqa: E402
+
+    def _plain_forward(self, x, H, W):
+        x = x + self.drop_path(self.attn(x, H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x), H, W))
+    _gm.GroupMambaBlock.forward = _plain_forward
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"

@@ -1,12 +1,12 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm, the depthwise conv + activation, a Linear with padded GEMMs and the stem's BatchNorm +
+(gated) LayerNorm and the residual add + LayerNorm, the depthwise conv + activation, a Linear with padded GEMMs and the stem's BatchNorm +
 ReLU."""
 from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import linear
 from .modulation import layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
-from .norm import group_layer_norm
+from .norm import add_layer_norm, group_layer_norm
 from .reference import GROUPS, grouped_scan_reference, scan_order
 from .scan import check_scan_inputs, grouped_scan, register_native_ops
 
@@ -14,6 +14,7 @@ register_native_ops()
 
 __all__ = [
     "GROUPS",
+    "add_layer_norm",
     "bn_relu",
     "check_scan_inputs",
     "dwconv_act",

@@ -10,6 +10,13 @@ x's and weight's dtypes (what F.layer_norm under autocast gives: float32 for bf1
 float32 weights). Passing the autocast dtype when the consumer is a Linear under autocast rounds exactly
 as that Linear's input cast would, and halves the bytes written.
 
+    add_layer_norm(x, residual, weight, bias, eps, residual_scale=None, out_dtype=None) -> (s, out)
+
+s = x + residual (each sample's residual times residual_scale[b] when given: stochastic depth), out the
+LayerNorm of s (G = 1 or grouped as above, no gate): a block's residual add and the LayerNorm after it in
+one pass, forward and backward (the backward also adds s's gradient from its other uses and writes the
+residual's gradient in the residual's dtype). s takes promote_types(x, residual).
+
 Backends: CUDA tensors in float32 / bfloat16 / float16 with Triton importable -> the fused kernels of
 triton_norm.py (forward and backward); otherwise, or with GROUPMAMBA_FORCE_REFERENCE=1, the torch
 reference below.
@@ -59,6 +66,51 @@ def group_layer_norm_reference(x, weight, bias, eps: float, gate=None, out_dtype
     if gate is not None:
         y = y * F.silu(gate.to(dt))
     return y.to(out_dtype or dt)
+
+
+def add_layer_norm_reference(x, residual, weight, bias, eps: float, residual_scale=None, out_dtype=None):
+    r = residual if residual_scale is None else residual * residual_scale.view(-1, *([1] * (residual.dim() - 1)))
+    s = x + r
+    return s, group_layer_norm_reference(s, weight, bias, eps, None, out_dtype)
+
+
+def _check_add(x, residual, weight, bias, residual_scale, out_dtype):
+    op = "add_layer_norm"
+    _check(x, weight, bias, None, out_dtype)
+    check_float_tensors(op, x, (("residual", residual),))
+    if residual.shape != x.shape:
+        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    if residual_scale is not None:
+        check_float_tensors(op, x, (("residual_scale", residual_scale),))
+        if residual_scale.shape != (x.shape[0],):
+            raise ValueError(f"{op}: residual_scale must be ({x.shape[0]},) (one factor per sample), got "
+                             f"{tuple(residual_scale.shape)}")
+
+
+def add_layer_norm(x, residual, weight, bias, eps: float, residual_scale=None, out_dtype=None):
+    """See the module docstring."""
+    _check_add(x, residual, weight, bias, residual_scale, out_dtype)
+    # (residual goes through _use_fused's dtype check in the gate's place; under torch.compile the
+    # reference, which the compiler fuses itself)
+    if not _use_fused(x, weight, bias, residual) or torch.compiler.is_compiling() or x.dim() < 2:
+        return add_layer_norm_reference(x, residual, weight, bias, eps, residual_scale, out_dtype)
+    return _launch_add_fused(x, residual, weight, bias, eps, residual_scale, out_dtype)
+
+
+def add_layer_norm_fused(x, residual, weight, bias, eps: float, residual_scale=None, out_dtype=None):
+    """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests and benchmarks."""
+    if _tn is None:
+        raise RuntimeError(f"add_layer_norm: Triton kernels unavailable ({_TRITON_ERROR})")
+    _check_add(x, residual, weight, bias, residual_scale, out_dtype)
+    return _launch_add_fused(x, residual, weight, bias, eps, residual_scale, out_dtype)
+
+
+def _launch_add_fused(x, residual, weight, bias, eps, residual_scale, out_dtype):
+    w2 = weight.reshape(-1, weight.shape[-1]) if weight.dim() == 2 else weight.reshape(1, -1)
+    dt = out_dtype or torch.promote_types(torch.promote_types(x.dtype, residual.dtype), weight.dtype)
+    scale = None if residual_scale is None else residual_scale.float().contiguous()
+    return _tn.add_layer_norm_triton(x.contiguous(), residual.contiguous(), scale, w2.contiguous(),
+                                     bias.reshape(w2.shape).contiguous(), eps, dt)
 
 
 def _use_fused(x, weight, bias, gate) -> bool:

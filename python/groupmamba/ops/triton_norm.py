@@ -69,11 +69,24 @@ def _tile(pid, M, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
     return offs, mask, widx, wmask, sidx, smask
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "RPS"])
 def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, SAVE_STATS: tl.constexpr):
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, SAVE_STATS: tl.constexpr,
+             RES=None, SCALE=None, SUM=None, RPS=1, HAS_RES: tl.constexpr = False,
+             HAS_SCALE: tl.constexpr = False):
+    """HAS_RES: the rows normalized are x + RES (times SCALE[row // RPS] with HAS_SCALE: a residual branch
+    under stochastic depth), that sum stored to SUM in SUM's dtype (the residual stream)."""
     offs, mask, widx, wmask, sidx, smask = _tile(tl.program_id(0), M, G, D, BLOCK_M, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            sc = tl.load(SCALE + rows // RPS, mask=rows < M, other=0.0)
+            r = r * sc[:, None, None]
+        x = x + r
+        tl.store(SUM + offs, x.to(SUM.dtype.element_ty), mask=mask)
+        x = x.to(SUM.dtype.element_ty).to(tl.float32)   # normalize the stored sum (the same for float32)
     mean = tl.sum(x, axis=2) / D
     xc = tl.where(mask, x - mean[:, :, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=2) / D + eps)
@@ -89,10 +102,14 @@ def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.cons
         tl.store(RSTD + sidx, rstd, mask=smask)
 
 
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "RPS"])
 def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, G: tl.constexpr, D: tl.constexpr,
-             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr):
-    """dx [, dz] of a tile; PART[pid] = this tile's sums of g * xhat (dweight) and of g (dbias), (2, G, D)."""
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
+             GSUM=None, DRES=None, SCALE=None, RPS=1, HAS_RES: tl.constexpr = False,
+             HAS_SCALE: tl.constexpr = False):
+    """dx [, dz] of a tile; PART[pid] = this tile's sums of g * xhat (dweight) and of g (dbias), (2, G, D).
+    HAS_RES (X is then the stored sum): dx also gets GSUM, the gradient the sum received from its other
+    uses, and DRES = dx [* SCALE[row // RPS]] in DRES's dtype, the residual branch's gradient."""
     pid = tl.program_id(0)
     offs, mask, widx, wmask, sidx, smask = _tile(pid, M, G, D, BLOCK_M, BLOCK_D)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
@@ -114,13 +131,22 @@ def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, G: tl.constexpr, D:
     c1 = tl.sum(dxhat * xhat, axis=2) / D
     c2 = tl.sum(dxhat, axis=2) / D
     dx = (dxhat - xhat * c1[:, :, None] - c2[:, :, None]) * rstd[:, :, None]
+    if HAS_RES:
+        dx = dx + tl.load(GSUM + offs, mask=mask, other=0.0).to(tl.float32)
+        dr = dx
+        if HAS_SCALE:
+            rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+            sc = tl.load(SCALE + rows // RPS, mask=rows < M, other=0.0)
+            dr = dr * sc[:, None, None]
+        tl.store(DRES + offs, dr.to(DRES.dtype.element_ty), mask=mask)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
     poffs = pid.to(tl.int64) * (2 * G * D) + widx
     tl.store(PART + poffs, tl.sum(g * xhat, axis=0), mask=wmask)
     tl.store(PART + G * D + poffs, tl.sum(g, axis=0), mask=wmask)
 
 
-def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
+def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap, res=None):
+    """res: the residual arguments of _gln_fwd (RES, SCALE, SUM, RPS, HAS_RES, HAS_SCALE) or None."""
     G, d = weight.shape
     M = x.numel() // (G * d)
     bm, bd, P, nw = tiles(M, G, d, CONFIG["elems"])
@@ -129,13 +155,14 @@ def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap):
     if M > 0:
         wrap(_gln_fwd)[(P,)](x, x if z is None else z, weight, bias, out, stats[0], stats[1], M, eps,
                              G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, SAVE_STATS=save_stats,
-                             num_warps=nw)
+                             num_warps=nw, **(res or {}))
     return out, stats
 
 
-def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None):
+def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None, res=None):
     """The backward kernel alone: (dx, dz or None, the (programs, 2 * G * d) weight / bias partials); elems:
-    elements per program (default CONFIG["bwd_elems"] or bwd_elems)."""
+    elements per program (default CONFIG["bwd_elems"] or bwd_elems); res: the residual arguments of _gln_bwd
+    (GSUM, DRES, SCALE, RPS, HAS_RES, HAS_SCALE) or None."""
     G, d = weight.shape
     M = x.numel() // (G * d)
     bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
@@ -144,15 +171,16 @@ def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None):
     part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
     if M > 0:
         wrap(_gln_bwd)[(P,)](grad_out, x, x if z is None else z, weight, bias, stats[0], stats[1], dx, dz,
-                             part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, num_warps=nw)
+                             part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, num_warps=nw,
+                             **(res or {}))
     else:
         part.zero_()
     return dx, (dz if z is not None else None), part
 
 
-def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap):
+def _bwd_impl(grad_out, x, z, weight, bias, stats, wrap, res=None):
     G, d = weight.shape
-    dx, dz, part = _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap)
+    dx, dz, part = _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, res=res)
     if wrap is _identity:
         sums = column_sum(part)
         dw, db = sums[:G * d].view(G, d), sums[G * d:].view(G, d)
@@ -209,6 +237,37 @@ class _GroupLayerNorm(torch.autograd.Function):
         x, z, weight, bias, stats = ctx.saved_tensors
         dx, dz, dw, db = _bwd_impl(grad_out.contiguous(), x, z, weight, bias, stats, _identity)
         return dx, dz, dw, db, None, None
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """(s = x + residual [* scale per sample], LayerNorm(s)) in one pass; the backward adds s's gradient from
+    its other uses to the LayerNorm's and writes the residual branch's gradient in the residual's dtype, in
+    the same kernel (no separate add and cast passes)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, scale, weight, bias, eps, out_dtype):
+        s = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
+        rps = x.numel() // (x.shape[0] * weight.numel()) if scale is not None else 1   # rows per sample
+        res = dict(RES=residual, SCALE=scale, SUM=s, RPS=rps, HAS_RES=True, HAS_SCALE=scale is not None)
+        out, stats = _fwd_impl(x, None, weight, bias, eps, out_dtype, True, _identity, res)
+        ctx.save_for_backward(s, weight, bias, stats, scale)
+        ctx.rps, ctx.res_dtype = rps, residual.dtype
+        return s, out
+
+    @staticmethod
+    def backward(ctx, grad_s, grad_out):
+        s, weight, bias, stats, scale = ctx.saved_tensors
+        grad_s = torch.zeros_like(s) if grad_s is None else grad_s.contiguous()
+        grad_out = torch.zeros(s.shape, device=s.device, dtype=s.dtype) if grad_out is None else grad_out
+        dres = torch.empty(s.shape, device=s.device, dtype=ctx.res_dtype)
+        res = dict(GSUM=grad_s, DRES=dres, SCALE=scale, RPS=ctx.rps, HAS_RES=True, HAS_SCALE=scale is not None)
+        dx, _, dw, db = _bwd_impl(grad_out.contiguous(), s, None, weight, bias, stats, _identity, res)
+        return dx, dres, None, dw, db, None, None
+
+
+def add_layer_norm_triton(x, residual, scale, weight, bias, eps, out_dtype):
+    """x, residual: contiguous (B, ..., G*d); scale: None or contiguous float32 (B,); weight, bias: (G, d)."""
+    return _AddLayerNorm.apply(x, residual, scale, weight, bias, float(eps), out_dtype)
 
 
 def group_layer_norm_triton(x, z, weight, bias, eps, out_dtype):
