@@ -30,12 +30,8 @@ from benchutil import copy_bandwidth_gbs, device_name, emit, graph_ms, write_rep
 SHAPES = [(56, 64, "silu"), (56, 512, "gelu"), (28, 128, "silu"), (28, 1024, "gelu"),
           (14, 348, "silu"), (14, 1392, "gelu"), (7, 448, "silu"), (7, 1792, "gelu"),
           (56, 768, "gelu"), (14, 1696, "gelu")]
-# (label, triton_dwconv.CONFIG overrides): the window kernel's rows x channels per program / warps, and the
-# four-row kernel's channels per program / warps
-FWD_CONFIGS = [(f"{h}x{c}/{w}", dict(block_h=h, block_c=c, num_warps=w))
-               for h, c, w in ((4, 128, 4), (2, 128, 4), (8, 64, 4), (4, 128, 2), (2, 64, 2))] + \
-              [(f"rows4 {c}/{w}", dict(fwd_kernel="rows4", rows4_block_c=c, rows4_warps=w))
-               for c, w in ((128, 1), (64, 1), (256, 2), (128, 2))]
+FWD_CONFIGS = [(4, 128, 4), (2, 128, 4), (8, 64, 4), (2, 64, 2), (4, 256, 8), (4, 128, 8), (2, 128, 2)]
+# (block_h, block_c, num_warps)
 # backward variants: (name, triton_dwconv.CONFIG overrides, forward under keep_preactivation, as ConvFFN's
 # checkpoint recompute runs it); the shipped settings first for each of the two cases
 BACKWARDS = [("fused", {}, False), ("fused, 2-row tiles", {"block_h": 2}, False), ("split", {"wgrad": "split"}, False),
@@ -90,18 +86,18 @@ def main(argv=None) -> int:
     lines = [head, ""]
     defaults = dict(td.CONFIG)
     if args.sweep:
-        lines += ["| H=W | C | act | " + " | ".join(label for label, _ in FWD_CONFIGS) + " |",
+        lines += ["| H=W | C | act | " + " | ".join(f"{h}x{c}/{w}" for h, c, w in FWD_CONFIGS) + " |",
                   "|---|---|---|" + "---|" * len(FWD_CONFIGS)]
         for hw, C, act in SHAPES:
             x, w, b, g = cases(args.batch, hw, C, act, dtype, device)
             fw = []
-            for _, over in FWD_CONFIGS:
-                td.CONFIG.update(defaults, **over)
+            for bh, bc, nw in FWD_CONFIGS:
+                td.CONFIG.update(defaults, block_h=bh, block_c=bc, num_warps=nw)
                 fw.append(graph_ms(fwd_fn(D.dwconv_act, x, w, b, act), args.iters))
             mark = lambda v, vs: f"**{v * 1e3:.0f}**" if v == min(vs) else f"{v * 1e3:.0f}"  # noqa: E731
             emit(lines, f"| {hw} | {C} | {act} | " + " | ".join(mark(v, fw) for v in fw) + " |")
         td.CONFIG.update(defaults)
-        lines += ["", "(forward us; window kernel: rows x channels per program / num_warps; rows4: channels / num_warps)", ""]
+        lines += ["", "(forward us; rows x channels per program / num_warps)", ""]
 
     if args.backward:
         lines += ["| H=W | C | act | " + " | ".join(n for n, _, _ in BACKWARDS) + " |",

@@ -129,10 +129,6 @@ def _interpret_checks():
         td.CONFIG.update(defaults, block_h=bh, block_c=bc)
         inp = make(*shape)
         compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {shape} {act}")
-    for shape, act, _ in INTERPRET_CASES:   # the four-row forward kernel (also the dx pass)
-        td.CONFIG.update(defaults, fwd_kernel="rows4", rows4_block_c=16)
-        inp = make(*shape)
-        compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter rows4 {shape} {act}")
     for programs in (1, 7, 10):   # the weight-gradient pass: one program, ragged and even row-block splits
         td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_programs=programs)
         inp = make(3, 7, 5, 40)
@@ -282,19 +278,13 @@ GPU_SHAPES = [(2, 56, 56, 64), (2, 56, 56, 512), (2, 28, 28, 1024), (2, 14, 14, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fwd_kernel", ("window", "rows4"))
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("act", ("silu", "gelu"))
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
-def test_gpu_fused_vs_float64(shape, act, dt, fwd_kernel):
+def test_gpu_fused_vs_float64(shape, act, dt):
     inp = make(*shape, dtype=dt, device="cuda")
     poison_cuda_cache()
-    saved = dict(D._td.CONFIG)
-    D._td.CONFIG["fwd_kernel"] = fwd_kernel
-    try:
-        res = run(D.dwconv_act, inp, act)
-    finally:
-        D._td.CONFIG.update(saved)
+    res = run(D.dwconv_act, inp, act)
     tol = 1e-5 if dt == torch.float32 else 1e-2
     compare(res, hand64(inp, act), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu {shape} {act} {dt}")
     assert res["out"].dtype == dt

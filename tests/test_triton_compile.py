@@ -134,11 +134,6 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
                       HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
-        rows4 = dict(consts, BLOCK_C=td.CONFIG["rows4_block_c"])
-        del rows4["BLOCK_H"]
-        compiled = compile_sm90(td._dwconv_fwd_rows4, rows4, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act,
-                                td.CONFIG["rows4_warps"])
-        assert len(compiled.asm["cubin"]) > 0
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
         consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec)
         compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
@@ -192,10 +187,6 @@ def test_unaligned_widths_get_wide_loads(C):
     widths["dwconv fwd"] = global_access_widths(compile_sm90(
         td._dwconv_fwd, consts, {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16",
         num_warps))
-    widths["dwconv fwd rows4"] = global_access_widths(compile_sm90(
-        td._dwconv_fwd_rows4, dict(ACT=1, STORE_PRE=False, BLOCK_C=td.CONFIG["rows4_block_c"], VEC=vec,
-                                   HAS_BIAS=True, FLIP_TAPS=False),
-        {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16", td.CONFIG["rows4_warps"]))
     widths["dwconv wgrad"] = global_access_widths(compile_sm90(
         td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec),
         {k: "i32" for k in ("H", "W", "CV", "NHB", "NRB", "PER_PROGRAM")}, {"X", "GO", "G"}, "*bf16", num_warps))

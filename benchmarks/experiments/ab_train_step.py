@@ -20,8 +20,6 @@ AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util
           C = 348, 424)
 AB_ADDNORM the block's first residual add and norm2 as one op (ops.add_layer_norm; 0: x + drop_path(r),
           then norm2, as before)
-AB_DWFWD  the depthwise conv's forward (and dx) kernel: "window" or "rows4" (ops/triton_dwconv.py CONFIG;
-          AB_ROWS4_BLOCK_C, AB_ROWS4_WARPS set the latter's tile)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
@@ -75,10 +73,6 @@ if os.environ.get("AB_ADDNORM", "1") == "0":
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"
-triton_dwconv.CONFIG["fwd_kernel"] = os.environ.get("AB_DWFWD", triton_dwconv.CONFIG["fwd_kernel"])
-for _k in ("rows4_block_c", "rows4_warps"):
-    if os.environ.get("AB_" + _k.upper()):
-        triton_dwconv.CONFIG[_k] = int(os.environ["AB_" + _k.upper()])
 triton_dwconv.CONFIG["wgrad"] = os.environ.get("AB_WGRAD", triton_dwconv.CONFIG["wgrad"])
 triton_dwconv.CONFIG["wgrad_kept"] = os.environ.get("AB_WGRAD_KEPT", triton_dwconv.CONFIG["wgrad_kept"])
 if os.environ.get("AB_BNRELU", "1") == "0":

@@ -59,11 +59,8 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # pair in whole-step A/B runs on an H200 (BENCHMARKS.md, seventh set); a fused pass that loaded a kept
 # pre-activation was 1.1-1.2x slower than split at the FFN shapes and was removed.
 # wgrad_programs: about how many programs the wgrad pass launches (the partials' rows).
-# fwd_kernel: "window" (_dwconv_fwd, tiles above) or "rows4" (_dwconv_fwd_rows4: rows4_block_c channels
-# per program on rows4_warps warps), for the forward and the backward's dx pass
 CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True, "triton_dgrad": True,
-          "wgrad": "fused", "wgrad_kept": "split", "wgrad_programs": 2048,
-          "fwd_kernel": "window", "rows4_block_c": 128, "rows4_warps": 1}
+          "wgrad": "fused", "wgrad_kept": "split", "wgrad_programs": 2048}
 
 
 def tiles(H: int, C: int):
@@ -186,77 +183,6 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, CV, NHB, ACT: tl.constexpr, STORE_P
 
 
 @triton.jit
-def _in_row(h, H, W, C, cs, cok):
-    """Column-0 offsets and mask of input row h of an image, as (1, BLOCK_C) tensors (rows outside the
-    image are the conv's zero padding)."""
-    return (h * W * C + cs)[None, :], (cok & (h >= 0) & (h < H))[None, :]
-
-
-@triton.jit
-def _col6(img, o0, o1, o2, o3, o4, o5, k0, k1, k2, k3, k4, k5, w, W, C):
-    """Column w of the program's six input rows."""
-    return (_row_col(img, o0, k0, w, W, C), _row_col(img, o1, k1, w, W, C), _row_col(img, o2, k2, w, W, C),
-            _row_col(img, o3, k3, w, W, C), _row_col(img, o4, k4, w, W, C), _row_col(img, o5, k5, w, W, C))
-
-
-@triton.jit
-def _out4(obase, pbase, o1, o2, o3, o4, k1, k2, k3, k4, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-          l0, l1, l2, l3, l4, l5, m0, m1, m2, m3, m4, m5, r0, r1, r2, r3, r4, r5,
-          ACT: tl.constexpr, STORE_PRE: tl.constexpr):
-    """Output column w of the program's four output rows (input rows 1..4) from columns w-1 (l*), w (m*)
-    and w+1 (r*) of its six input rows; output row i reads input rows i, i+1, i+2."""
-    _out_col(obase, pbase, o1, k1, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-             l0, m0, r0, l1, m1, r1, l2, m2, r2, ACT, STORE_PRE)
-    _out_col(obase, pbase, o2, k2, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-             l1, m1, r1, l2, m2, r2, l3, m3, r3, ACT, STORE_PRE)
-    _out_col(obase, pbase, o3, k3, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-             l2, m2, r2, l3, m3, r3, l4, m4, r4, ACT, STORE_PRE)
-    _out_col(obase, pbase, o4, k4, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-             l3, m3, r3, l4, m4, r4, l5, m5, r5, ACT, STORE_PRE)
-
-
-@triton.jit(do_not_specialize=["H", "W", "CV", "NHB"])
-def _dwconv_fwd_rows4(X, WT, Bias, OUT, PRE, H, W, CV, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-                      BLOCK_C: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr = True,
-                      FLIP_TAPS: tl.constexpr = False):
-    """_dwconv_fwd's function (same arguments, same arithmetic order) with register row reuse: a program
-    owns four output rows x BLOCK_C channels; each thread holds all six input rows they read (rows
-    h0-1 .. h0+4) of its channels, so each column step loads six rows for four outputs (1.5 loads per
-    output, against 3 when each output row loads its own three). Every row is a (1, BLOCK_C) tensor."""
-    C = CV * VEC  # see _util.channel_split
-    pid = tl.program_id(0)
-    b = pid // NHB
-    h0 = (pid % NHB) * 4
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cok = cs < C
-    image = b.to(tl.int64) * H * W * C
-    img = X + image
-    o0, k0 = _in_row(h0 - 1, H, W, C, cs, cok)
-    o1, k1 = _in_row(h0, H, W, C, cs, cok)
-    o2, k2 = _in_row(h0 + 1, H, W, C, cs, cok)
-    o3, k3 = _in_row(h0 + 2, H, W, C, cs, cok)
-    o4, k4 = _in_row(h0 + 3, H, W, C, cs, cok)
-    o5, k5 = _in_row(h0 + 4, H, W, C, cs, cok)
-    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS, FLIP_TAPS)
-    obase = OUT + image
-    pbase = PRE + image
-    # a*: column w-1 (column -1 is padding), b*: column w. Each iteration loads columns w+1 (c*) and w+2
-    # (d*) before it stores (see _dwconv_fwd on why), then stores output columns w and w+1.
-    a0 = tl.zeros((1, BLOCK_C), dtype=tl.float32)
-    a1, a2, a3, a4, a5 = a0, a0, a0, a0, a0
-    b0, b1, b2, b3, b4, b5 = _col6(img, o0, o1, o2, o3, o4, o5, k0, k1, k2, k3, k4, k5, 0, W, C)
-    for w in range(0, W, 2):
-        c0, c1, c2, c3, c4, c5 = _col6(img, o0, o1, o2, o3, o4, o5, k0, k1, k2, k3, k4, k5, w + 1, W, C)
-        d0, d1, d2, d3, d4, d5 = _col6(img, o0, o1, o2, o3, o4, o5, k0, k1, k2, k3, k4, k5, w + 2, W, C)
-        _out4(obase, pbase, o1, o2, o3, o4, k1, k2, k3, k4, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-              a0, a1, a2, a3, a4, a5, b0, b1, b2, b3, b4, b5, c0, c1, c2, c3, c4, c5, ACT, STORE_PRE)
-        _out4(obase, pbase, o1, o2, o3, o4, k1, k2, k3, k4, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7,
-              t8, b0, b1, b2, b3, b4, b5, c0, c1, c2, c3, c4, c5, d0, d1, d2, d3, d4, d5, ACT, STORE_PRE)
-        a0, a1, a2, a3, a4, a5 = c0, c1, c2, c3, c4, c5
-        b0, b1, b2, b3, b4, b5 = d0, d1, d2, d3, d4, d5
-
-
-@triton.jit
 def _grad_col(gobase, gbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
               lu, mu, ru, lm, mm, rm, ld, md, rd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT: tl.constexpr):
     """Output column w of the backward: g = grad_out * act'(pre), with the pre-activation from the window
@@ -343,14 +269,7 @@ def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = Fal
     B, H, W, C = x.shape
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
-    if out.numel() and CONFIG["fwd_kernel"] == "rows4":
-        bc = min(CONFIG["rows4_block_c"], max(32, triton.next_power_of_2(C)))
-        nhb = triton.cdiv(H, 4)
-        cv, vec = channel_split(C)
-        _dwconv_fwd_rows4[(B * nhb, triton.cdiv(C, bc))](
-            x, taps, taps if bias is None else bias, out, pre, H, W, cv, nhb, ACT=ACTS[act], STORE_PRE=keep_pre,
-            BLOCK_C=bc, VEC=vec, HAS_BIAS=bias is not None, FLIP_TAPS=flip_taps, num_warps=CONFIG["rows4_warps"])
-    elif out.numel():
+    if out.numel():
         bh, bc, nw = tiles(H, C)
         nhb = triton.cdiv(H, bh)
         cv, vec = channel_split(C)
