@@ -125,7 +125,7 @@ def test_add_norm_kernels_compile_for_sm90(name, M, d, scale):
 @pytest.mark.parametrize("H", [56, 14])
 def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
-    block_h, block_c, num_warps = td.tiles(H, C)
+    block_h, block_c, num_warps = td.tiles(H, C, forward=True)
     kernel, ints = td._dwconv_fwd, ("H", "W", "CV", "NHB")
     vec = channel_split(C)[1]
     # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias)
@@ -134,6 +134,7 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
                       HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
+    block_h, block_c, num_warps = td.tiles(H, C)
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
         consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec)
         compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
@@ -180,13 +181,14 @@ def test_unaligned_widths_get_wide_loads(C):
     They used to load and store 2 bytes at a time, and the column sum ran at 0.44 TB/s at C = 424 (H200)."""
     from groupmamba.ops import triton_dwconv as td
     widths = {"colsum": global_access_widths(compile_colsum(C, "*bf16", 0))}
-    block_h, block_c, num_warps = td.tiles(14, C)
+    block_h, block_c, num_warps = td.tiles(14, C, forward=True)
     vec = channel_split(C)[1]
     consts = dict(ACT=1, STORE_PRE=False, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_BIAS=True,
                   FLIP_TAPS=False)
     widths["dwconv fwd"] = global_access_widths(compile_sm90(
         td._dwconv_fwd, consts, {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16",
         num_warps))
+    block_h, block_c, num_warps = td.tiles(14, C)
     widths["dwconv wgrad"] = global_access_widths(compile_sm90(
         td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec),
         {k: "i32" for k in ("H", "W", "CV", "NHB", "NRB", "PER_PROGRAM")}, {"X", "GO", "G"}, "*bf16", num_warps))

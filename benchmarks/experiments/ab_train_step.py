@@ -20,6 +20,8 @@ AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util
           C = 348, 424)
 AB_ADDNORM the block's first residual add and norm2 as one op (ops.add_layer_norm; 0: x + drop_path(r),
           then norm2, as before)
+AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
+          weight-gradient pass)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
 AB_ACTBWD the conv backward's fused activation derivative + bias sum (ops/triton_dwconv.py CONFIG)
 AB_FLAT   AdamW over flat parameter buffers (bench_models --no-flat-params when 0)
@@ -63,6 +65,9 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
         return (n // 16, 16) if n % 16 == 0 else (n, 1)
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
+if os.environ.get("AB_FWDTILES", "1") == "0":
+    _tiles = triton_dwconv.tiles
+    triton_dwconv.tiles = lambda H, C, forward=False: _tiles(H, C)   # the weight-gradient pass's tiles
 if os.environ.get("AB_ADDNORM", "1") == "0":
     import groupmamba.models.groupmamba as _gm  # noqa: E402
 

@@ -45,9 +45,10 @@ from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
-# block_h: output rows per program (None: 4 for H >= 28, else 2: within 1 us of the better of the two at
-# every GroupMamba-T shape in the H200 sweep of benchmarks/bench_dwconv.py --sweep); block_c: channels per
-# program (capped at C's next power of two); num_warps
+# block_h x block_c: output rows x channels per program (channels capped at C's next power of two); None:
+# 4 x 128 for H >= 28; below, 8 x 64 for the forward kernel (the forward and the dx pass: 105 vs 111 us at
+# GroupMamba-B's stage-3 FFN conv, 38 vs 46 at 7x7, in the H200 sweep of benchmarks/bench_dwconv.py
+# --sweep, eleventh set) and 2 x 128 for the weight-gradient pass; num_warps
 # fused_act_bwd (the split and cudnn methods below): the activation derivative and bias-gradient sum in one
 # Triton pass (triton_colsum.column_sum_act_grad) instead of torch's silu/gelu_backward + column_sum
 # triton_dgrad: the input gradient with _dwconv_fwd (taps rotated) instead of cuDNN's dgrad
@@ -59,14 +60,16 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # pair in whole-step A/B runs on an H200 (BENCHMARKS.md, seventh set); a fused pass that loaded a kept
 # pre-activation was 1.1-1.2x slower than split at the FFN shapes and was removed.
 # wgrad_programs: about how many programs the wgrad pass launches (the partials' rows).
-CONFIG = {"block_h": None, "block_c": 128, "num_warps": 4, "fused_act_bwd": True, "triton_dgrad": True,
+CONFIG = {"block_h": None, "block_c": None, "num_warps": 4, "fused_act_bwd": True, "triton_dgrad": True,
           "wgrad": "fused", "wgrad_kept": "split", "wgrad_programs": 2048}
 
 
-def tiles(H: int, C: int):
-    """(BLOCK_H, BLOCK_C, num_warps) for an H-row image with C channels."""
-    block_h = CONFIG["block_h"] or (4 if H >= 28 else 2)
-    block_c = min(CONFIG["block_c"], max(16, triton.next_power_of_2(C)))
+def tiles(H: int, C: int, forward: bool = False):
+    """(BLOCK_H, BLOCK_C, num_warps) for an H-row image with C channels; forward: for _dwconv_fwd (else for
+    _dwconv_wgrad)."""
+    small = (8, 64) if forward else (2, 128)
+    block_h = CONFIG["block_h"] or (4 if H >= 28 else small[0])
+    block_c = min(CONFIG["block_c"] or (128 if H >= 28 else small[1]), max(16, triton.next_power_of_2(C)))
     return block_h, block_c, CONFIG["num_warps"]
 
 
@@ -270,7 +273,7 @@ def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = Fal
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
     if out.numel():
-        bh, bc, nw = tiles(H, C)
+        bh, bc, nw = tiles(H, C, forward=True)
         nhb = triton.cdiv(H, bh)
         cv, vec = channel_split(C)
         _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, H, W, cv, nhb,
@@ -293,7 +296,9 @@ def _conv_grads(x, grad_out, taps, bias, act: str):
     cv, vec = channel_split(C)
     _dwconv_wgrad[(programs, n_cblocks)](x, grad_out, taps, bias, g, partial, H, W, cv, nhb, n_blocks,
                                          per_program, ACT=ACTS[act], BLOCK_H=bh, BLOCK_C=bc, VEC=vec, num_warps=nw)
-    sums = partial.sum(0)
+    # the Triton column sum: torch's reduction over the partials' leading dimension took 7-31 us a call at
+    # GroupMamba-B's FFN shapes (H200 profile, eleventh set)
+    sums = column_sum(partial.view(programs, 10 * C)).view(10, C)
     return g, sums[:9], sums[9]
 
 

@@ -72,8 +72,7 @@ def _tile(pid, M, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
 @triton.jit(do_not_specialize=["M", "RPS"])
 def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr, SAVE_STATS: tl.constexpr,
-             RES=None, SCALE=None, SUM=None, RPS=1, HAS_RES: tl.constexpr = False,
-             HAS_SCALE: tl.constexpr = False):
+             RES, SCALE, SUM, RPS, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr):
     """HAS_RES: the rows normalized are x + RES (times SCALE[row // RPS] with HAS_SCALE: a residual branch
     under stochastic depth), that sum stored to SUM in SUM's dtype (the residual stream)."""
     offs, mask, widx, wmask, sidx, smask = _tile(tl.program_id(0), M, G, D, BLOCK_M, BLOCK_D)
@@ -105,8 +104,7 @@ def _gln_fwd(X, Z, W, Bias, OUT, MEAN, RSTD, M, eps, G: tl.constexpr, D: tl.cons
 @triton.jit(do_not_specialize=["M", "RPS"])
 def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, G: tl.constexpr, D: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_GATE: tl.constexpr,
-             GSUM=None, DRES=None, SCALE=None, RPS=1, HAS_RES: tl.constexpr = False,
-             HAS_SCALE: tl.constexpr = False):
+             GSUM, DRES, SCALE, RPS, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr):
     """dx [, dz] of a tile; PART[pid] = this tile's sums of g * xhat (dweight) and of g (dbias), (2, G, D).
     HAS_RES (X is then the stored sum): dx also gets GSUM, the gradient the sum received from its other
     uses, and DRES = dx [* SCALE[row // RPS]] in DRES's dtype, the residual branch's gradient."""
@@ -146,23 +144,25 @@ def _gln_bwd(GO, X, Z, W, Bias, MEAN, RSTD, DX, DZ, PART, M, G: tl.constexpr, D:
 
 
 def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap, res=None):
-    """res: the residual arguments of _gln_fwd (RES, SCALE, SUM, RPS, HAS_RES, HAS_SCALE) or None."""
+    """res: the residual arguments of _gln_fwd (RES, SCALE, SUM, RPS, HAS_RES, HAS_SCALE) or None (then
+    placeholders: every argument is passed, since torch.compile's Triton wrapper does not take defaults)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
     bm, bd, P, nw = tiles(M, G, d, CONFIG["elems"])
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     stats = torch.empty((2, M * G if save_stats else 1), device=x.device, dtype=torch.float32)
     if M > 0:
+        res = res or dict(RES=x, SCALE=stats, SUM=out, RPS=1, HAS_RES=False, HAS_SCALE=False)
         wrap(_gln_fwd)[(P,)](x, x if z is None else z, weight, bias, out, stats[0], stats[1], M, eps,
                              G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, SAVE_STATS=save_stats,
-                             num_warps=nw, **(res or {}))
+                             num_warps=nw, **res)
     return out, stats
 
 
 def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None, res=None):
     """The backward kernel alone: (dx, dz or None, the (programs, 2 * G * d) weight / bias partials); elems:
     elements per program (default CONFIG["bwd_elems"] or bwd_elems); res: the residual arguments of _gln_bwd
-    (GSUM, DRES, SCALE, RPS, HAS_RES, HAS_SCALE) or None."""
+    (GSUM, DRES, SCALE, RPS, HAS_RES, HAS_SCALE) or None (placeholders)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
     bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
@@ -170,9 +170,10 @@ def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None, res=None)
     dz = torch.empty_like(z) if z is not None else dx
     part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
     if M > 0:
+        res = res or dict(GSUM=x, DRES=dx, SCALE=part, RPS=1, HAS_RES=False, HAS_SCALE=False)
         wrap(_gln_bwd)[(P,)](grad_out, x, x if z is None else z, weight, bias, stats[0], stats[1], dx, dz,
                              part, M, G=G, D=d, BLOCK_M=bm, BLOCK_D=bd, HAS_GATE=z is not None, num_warps=nw,
-                             **(res or {}))
+                             **res)
     else:
         part.zero_()
     return dx, (dz if z is not None else None), part
