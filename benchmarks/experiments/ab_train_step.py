@@ -32,7 +32,8 @@ AB_BNRELU the stem's BatchNorm + ReLU in Triton (ops/batchnorm.py; 0: torch's Ba
 AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre-activation was
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
-after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set.
+after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set; AB_ADDNORM and
+AB_FWDTILES: eleventh set.
 """
 import contextlib
 import os
