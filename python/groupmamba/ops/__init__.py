@@ -1,6 +1,6 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm and the residual add + LayerNorm, the depthwise conv + activation, a Linear with padded GEMMs and the stem's BatchNorm +
-ReLU."""
+(gated) LayerNorm and the residual add + LayerNorm, the depthwise conv + activation, a Linear with padded
+GEMMs and the stem's BatchNorm + ReLU."""
 from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import linear
