@@ -23,7 +23,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from groupmamba.ops import add_layer_norm
+from groupmamba.ops import add_layer_norm, residual_add
 from groupmamba.ops._util import autocast_dtype
 
 from .layers import ConvFFN, DownSample, FFN, LayerNorm, Linear, Stem, init_weights, tokens_to_map
@@ -65,14 +65,15 @@ class GroupMambaBlock(nn.Module):
         r = self.attn(x, H, W)
         norm2 = self.norm2
         if isinstance(norm2, LayerNorm) and norm2.fused and norm2.weight is not None:
-            # the residual add and norm2 in one op (ops.add_layer_norm: one pass forward and backward on CUDA)
+            # the residual add and norm2 in one op (ops.add_layer_norm: one pass forward and backward on CUDA),
+            # the second residual add vectorized (ops.residual_add)
             out_dtype = autocast_dtype(x) if norm2.autocast_output else None
             x, h = add_layer_norm(x, r, norm2.weight, norm2.bias, norm2.eps, residual_scale=self._drop_scale(r),
                                   out_dtype=out_dtype)
-        else:
-            x = x + self.drop_path(r)
-            h = norm2(x)
-        return x + self.drop_path(self.mlp(h, H, W))
+            m = self.mlp(h, H, W)
+            return residual_add(x, m, self._drop_scale(m))
+        x = x + self.drop_path(r)
+        return x + self.drop_path(self.mlp(norm2(x), H, W))
 
     def _drop_scale(self, r: torch.Tensor):
         """The per-sample factors of timm's DropPath for r (the same draws from the same generator), as a

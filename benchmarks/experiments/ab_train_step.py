@@ -20,6 +20,8 @@ AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util
           C = 348, 424)
 AB_ADDNORM the block's first residual add and norm2 as one op (ops.add_layer_norm; 0: x + drop_path(r),
           then norm2, as before)
+AB_RESADD the block's second residual add with ops.residual_add (0: torch's add, its unvectorized float32 +
+          bfloat16 kernel)
 AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
           weight-gradient pass)
 AB_COLSUM captured Linears sum their bias gradient with column_sum (ops/fast_linear.py CONFIG)
@@ -76,6 +78,9 @@ if os.environ.get("AB_ADDNORM", "1") == "0":
         x = x + self.drop_path(self.attn(x, H, W))
         return x + self.drop_path(self.mlp(self.norm2(x), H, W))
     _gm.GroupMambaBlock.forward = _plain_forward
+if os.environ.get("AB_RESADD", "1") == "0":
+    import groupmamba.models.groupmamba as _gm  # noqa: E402
+    _gm.residual_add = lambda x, r, scale=None: x + (r if scale is None else r * scale.view(-1, 1, 1))
 fast_linear.CONFIG["column_sum_bias"] = os.environ.get("AB_COLSUM", "1") == "1"
 triton_dwconv.CONFIG["fused_act_bwd"] = os.environ.get("AB_ACTBWD", "1") == "1"
 triton_dwconv.CONFIG["triton_dgrad"] = os.environ.get("AB_DGRAD", "1") == "1"

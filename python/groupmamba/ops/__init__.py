@@ -1,6 +1,6 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm and the residual add + LayerNorm, the depthwise conv + activation, a Linear with padded
-GEMMs and the stem's BatchNorm + ReLU."""
+(gated) LayerNorm, the residual add + LayerNorm and the residual add, the depthwise conv + activation, a
+Linear with padded GEMMs and the stem's BatchNorm + ReLU."""
 from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import linear
@@ -8,6 +8,7 @@ from .modulation import layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
 from .norm import add_layer_norm, group_layer_norm
 from .reference import GROUPS, grouped_scan_reference, scan_order
+from .residual import residual_add
 from .scan import check_scan_inputs, grouped_scan, register_native_ops
 
 register_native_ops()
@@ -26,5 +27,6 @@ __all__ = [
     "linear",
     "layernorm_pool",
     "modulate_layernorm",
+    "residual_add",
     "scan_order",
 ]
