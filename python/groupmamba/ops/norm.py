@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from ._util import check_float_tensors
+from .residual import check_residual, residual_add_reference
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_ROW = 8192  # G * next_pow2(d) elements of a row live in registers
@@ -69,22 +70,13 @@ def group_layer_norm_reference(x, weight, bias, eps: float, gate=None, out_dtype
 
 
 def add_layer_norm_reference(x, residual, weight, bias, eps: float, residual_scale=None, out_dtype=None):
-    r = residual if residual_scale is None else residual * residual_scale.view(-1, *([1] * (residual.dim() - 1)))
-    s = x + r
+    s = residual_add_reference(x, residual, residual_scale)
     return s, group_layer_norm_reference(s, weight, bias, eps, None, out_dtype)
 
 
 def _check_add(x, residual, weight, bias, residual_scale, out_dtype):
-    op = "add_layer_norm"
     _check(x, weight, bias, None, out_dtype)
-    check_float_tensors(op, x, (("residual", residual),))
-    if residual.shape != x.shape:
-        raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
-    if residual_scale is not None:
-        check_float_tensors(op, x, (("residual_scale", residual_scale),))
-        if residual_scale.shape != (x.shape[0],):
-            raise ValueError(f"{op}: residual_scale must be ({x.shape[0]},) (one factor per sample), got "
-                             f"{tuple(residual_scale.shape)}")
+    check_residual("add_layer_norm", x, residual, residual_scale)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float, residual_scale=None, out_dtype=None):

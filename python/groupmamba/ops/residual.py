@@ -42,8 +42,8 @@ def residual_add_reference(x, residual, residual_scale=None):
     return x + r
 
 
-def _check(x, residual, residual_scale):
-    op = "residual_add"
+def check_residual(op, x, residual, residual_scale):
+    """The residual and its per-sample factors against x (shared with norm.add_layer_norm)."""
     check_float_tensors(op, x, (("residual", residual),))
     if residual.shape != x.shape:
         raise ValueError(f"{op}: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
@@ -56,7 +56,7 @@ def _check(x, residual, residual_scale):
 
 def residual_add(x, residual, residual_scale=None):
     """See the module docstring."""
-    _check(x, residual, residual_scale)
+    check_residual("residual_add", x, residual, residual_scale)
     if (triton is None or _native.force_reference() or not x.is_cuda or x.numel() == 0
             or torch.compiler.is_compiling() or x.dtype not in _FUSED_DTYPES or residual.dtype not in _FUSED_DTYPES):
         return residual_add_reference(x, residual, residual_scale)
@@ -67,7 +67,7 @@ def residual_add_fused(x, residual, residual_scale=None):
     """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests."""
     if triton is None:
         raise RuntimeError(f"residual_add: Triton unavailable ({_TRITON_ERROR})")
-    _check(x, residual, residual_scale)
+    check_residual("residual_add", x, residual, residual_scale)
     return _ResidualAdd.apply(x, residual, residual_scale)
 
 
