@@ -7,8 +7,10 @@ triton_colsum.column_sum (the depthwise conv's bias gradient).
 * Triton interpreter (always, when Triton is importable): column_sum vs float64 on ragged shapes (rows
   and columns not multiples of the tile, one row, a single column, several row blocks) and the padded
   Linear's column-sum bias gradient, in a subprocess with TRITON_INTERPRET=1.
+  Also sum_middle (a (B, T, N) sum over T: column_sum's second stage and the modulation's per-image
+  partials) on ragged shapes.
 * GPU (@pytest.mark.gpu): column_sum at GroupMamba-T's bias-gradient shapes (fp32 / bf16), outputs
-  poisoned first; linear_padded in bf16 at the padded shapes (C = 348) vs float64, and under bf16
+  poisoned first; sum_middle at the modulation's partial shapes; linear_padded in bf16 at the padded shapes (C = 348) vs float64, and under bf16
   autocast vs F.linear's autocast result; linear pads inside a CUDA graph capture and not eagerly.
 
 Tolerances: relative Frobenius error vs float64 for linear (float64 1e-12; bf16 inputs 1e-2); column
@@ -90,6 +92,10 @@ def test_column_sum_rejects_non_matrix():
         pytest.skip(f"Triton not importable ({_TRITON_ERROR})")
     with pytest.raises(ValueError, match=r"must be \(M, N\)"):
         TC.column_sum(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match=r"sum_middle: p must be a \(B, T, N\) float32"):
+        TC.sum_middle(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"float32"):
+        TC.sum_middle(torch.zeros(2, 3, 4, dtype=torch.float64))
 
 
 def colsum_err(out, g):
@@ -104,6 +110,8 @@ def colsum_err(out, g):
 
 # (M, N): ragged columns (N % 128 != 0), rows not a multiple of the row tile, one row, a single column
 COLSUM_CASES = [(1, 5), (33, 130), (300, 64), (1000, 7), (257, 256), (64, 1)]
+# (B, T, N) for sum_middle: T not a multiple of the 64-row tile, one row, N not a multiple of 32
+SUM_MIDDLE_CASES = [(1, 1, 5), (3, 65, 33), (2, 200, 64), (1, 130, 1)]
 
 
 def _interpret_checks():
@@ -117,6 +125,12 @@ def _interpret_checks():
         e = colsum_err(out, g)
         assert e <= 1e-6, (M, N, e)
     TC.CONFIG.update(saved)
+    for shape in SUM_MIDDLE_CASES:
+        p = torch.randn(*shape, dtype=torch.float64).float()
+        out = TC.sum_middle(p)
+        assert out.dtype == torch.float32 and out.shape == (shape[0], shape[2])
+        e = colsum_err(out.reshape(-1), p.transpose(0, 1).reshape(shape[1], -1))
+        assert e <= 1e-6, (shape, e)
     # the captured Linear's column-sum bias gradient, unpadded (align 1) and padded, vs float64
     for M, K, N, align in [(40, 24, 16, 1), (37, 22, 35, 8)]:
         inp = make(M, K, N, lead=(2,))
@@ -146,6 +160,20 @@ def test_gpu_column_sum_vs_float64(M, N, dt):
     out = TC.column_sum(g)
     e = colsum_err(out, g)
     assert out.dtype == torch.float32 and e <= 1e-6, e
+
+
+# (B, T, N): the modulation's per-image partials at GroupMamba-B stages 1 and 3, column_sum's partial rows
+GPU_SUM_MIDDLE = [(128, 784, 96), (128, 49, 424), (1, 256, 424), (1, 73, 16960), (5, 3, 7)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,N", GPU_SUM_MIDDLE, ids=str)
+def test_gpu_sum_middle_vs_float64(B, T, N):
+    p = torch.randn(B, T, N, dtype=torch.float64, device="cuda").float()
+    poison_cuda_cache()
+    out = TC.sum_middle(p)
+    e = colsum_err(out.reshape(-1), p.transpose(0, 1).reshape(T, -1))
+    assert out.dtype == torch.float32 and out.shape == (B, N) and e <= 1e-6, e
 
 
 @pytest.mark.gpu

@@ -128,18 +128,22 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     block_h, block_c, num_warps = td.tiles(H, C, forward=True)
     kernel, ints = td._dwconv_fwd, ("H", "W", "CV", "NHB")
     vec = channel_split(C)[1]
-    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias)
+    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no
+    # bias); each with and without an input bias (the forward) / the in_bias gradient's sums (the dx pass)
     for act_code, keep_pre, dx_pass in ((td.ACTS[fn], False, False), (td.ACTS[fn], True, False), (0, False, True)):
-        consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec,
-                      HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass)
-        compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
-        assert len(compiled.asm["cubin"]) > 0
+        for with_in_bias in (False, True):
+            consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec,
+                          HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass, HAS_IN_BIAS=with_in_bias and not dx_pass,
+                          COLSUM=with_in_bias and dx_pass)
+            compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
+            assert len(compiled.asm["cubin"]) > 0
     block_h, block_c, num_warps = td.tiles(H, C)
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
-        consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec)
-        compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
-                                {"X", "GO", "G"}, act, num_warps)
-        assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
+        for with_in_bias in (False, True):
+            consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_IN_BIAS=with_in_bias)
+            compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
+                                    {"X", "GO", "G"}, act, num_warps)
+            assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
@@ -147,6 +151,14 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
 def test_colsum_kernel_compiles_for_sm90(act, act_code):
     compiled = compile_colsum(424, act, act_code)
     assert len(compiled.asm["cubin"]) > 0
+    assert ".target sm_90" in compiled.asm["ptx"]
+
+
+def test_sum_middle_kernel_compiles_for_sm90():
+    from groupmamba.ops import triton_colsum as tc
+    m = tc.MIDDLE
+    compiled = compile_sm90(tc._sum_middle, dict(BLOCK_T=m["block_t"], BLOCK_N=m["block_n"]), {"T": "i32", "N": "i32"},
+                            (), F32, m["num_warps"])
     assert ".target sm_90" in compiled.asm["ptx"]
 
 
@@ -184,13 +196,13 @@ def test_unaligned_widths_get_wide_loads(C):
     block_h, block_c, num_warps = td.tiles(14, C, forward=True)
     vec = channel_split(C)[1]
     consts = dict(ACT=1, STORE_PRE=False, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_BIAS=True,
-                  FLIP_TAPS=False)
+                  FLIP_TAPS=False, HAS_IN_BIAS=True, COLSUM=False)
     widths["dwconv fwd"] = global_access_widths(compile_sm90(
         td._dwconv_fwd, consts, {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16",
         num_warps))
     block_h, block_c, num_warps = td.tiles(14, C)
     widths["dwconv wgrad"] = global_access_widths(compile_sm90(
-        td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec),
+        td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_IN_BIAS=True),
         {k: "i32" for k in ("H", "W", "CV", "NHB", "NRB", "PER_PROGRAM")}, {"X", "GO", "G"}, "*bf16", num_warps))
     for name, w in widths.items():
         assert not any("U16" in x or "S16" in x for x in w), (name, w)

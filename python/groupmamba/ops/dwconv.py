@@ -1,10 +1,14 @@
 """Depthwise 3x3 convolution + bias + activation on channels-last tokens (the GroupMamba mixer's
 conv + SiLU and the ConvFFN's dwconv + GELU).
 
-    dwconv_act(x, weight, bias, act)    x: (B, H, W, C); weight: (C, 1, 3, 3); bias: (C,);
-                                        act: "silu", "gelu" (exact, erf) or "none"
+    dwconv_act(x, weight, bias, act, in_bias=None)
+        x: (B, H, W, C); weight: (C, 1, 3, 3); bias: (C,); act: "silu", "gelu" (exact, erf) or "none";
+        in_bias: None or (C,), added to x before the convolution (the zero padding stays zero)
 
-Same function as act(F.conv2d(x in NCHW, weight, bias, padding=1, groups=C)) returned as (B, H, W, C).
+Same function as act(F.conv2d((x + in_bias) in NCHW, weight, bias, padding=1, groups=C)) returned as
+(B, H, W, C). in_bias is for the bias of the Linear that produces x (ConvFFN's fc1): that Linear then runs
+without it, and the fused backward gets in_bias's gradient (the sum of dx) from its dx pass, instead of a
+bias-gradient pass over the Linear's output gradient.
 CUDA tensors (float32 / bfloat16 / float16) with Triton importable, eagerly: the fused Triton kernel of
 triton_dwconv.py (one pass instead of conv, bias add and activation). Otherwise (CPU, float64, under
 torch.compile, which fuses the bias and activation itself, or GROUPMAMBA_FORCE_REFERENCE=1): the torch
@@ -31,11 +35,12 @@ except Exception as e:  # noqa: BLE001
     _TRITON_ERROR = f"{type(e).__name__}: {e}"
 
 
-def _check(x, weight, bias, act):
+def _check(x, weight, bias, act, in_bias=None):
     op = "dwconv_act"
     if act not in ACTS:
         raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
-    check_float_tensors(op, x, (("x", x), ("weight", weight), ("bias", bias)))
+    named = (("x", x), ("weight", weight), ("bias", bias)) + ((("in_bias", in_bias),) if in_bias is not None else ())
+    check_float_tensors(op, x, named)
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be (B, H, W, C), got shape {tuple(x.shape)}")
     C = x.shape[-1]
@@ -43,9 +48,13 @@ def _check(x, weight, bias, act):
         raise ValueError(f"{op}: weight must have shape ({C}, 1, 3, 3), got {tuple(weight.shape)}")
     if tuple(bias.shape) != (C,):
         raise ValueError(f"{op}: bias must have shape ({C},), got {tuple(bias.shape)}")
+    if in_bias is not None and tuple(in_bias.shape) != (C,):
+        raise ValueError(f"{op}: in_bias must have shape ({C},), got {tuple(in_bias.shape)}")
 
 
-def dwconv_act_reference(x, weight, bias, act: str):
+def dwconv_act_reference(x, weight, bias, act: str, in_bias=None):
+    if in_bias is not None:
+        x = x + in_bias
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=x.shape[-1])
     if act == "silu":
         y = F.silu(y)
@@ -60,32 +69,36 @@ def keep_preactivation():
     return contextlib.nullcontext() if _td is None else _td.keep_preactivation()
 
 
-def _use_fused(x, weight, bias) -> bool:
+def _use_fused(x, weight, bias, in_bias) -> bool:
     if _td is None or _native.force_reference() or not x.is_cuda or torch.compiler.is_compiling():
         return False
-    return all(t.dtype in _FUSED_DTYPES for t in (x, weight, bias))
+    return all(t.dtype in _FUSED_DTYPES for t in (x, weight, bias) + ((in_bias,) if in_bias is not None else ()))
 
 
-def dwconv_act(x, weight, bias, act: str = "none"):
+def dwconv_act(x, weight, bias, act: str = "none", in_bias=None):
     """See the module docstring."""
-    _check(x, weight, bias, act)
-    if not _use_fused(x, weight, bias):
-        return dwconv_act_reference(x, weight, bias, act)
-    return _launch_fused(x, weight, bias, act)
+    _check(x, weight, bias, act, in_bias)
+    if not _use_fused(x, weight, bias, in_bias):
+        return dwconv_act_reference(x, weight, bias, act, in_bias)
+    return _launch_fused(x, weight, bias, act, in_bias)
 
 
-def dwconv_act_fused(x, weight, bias, act: str = "none"):
+def dwconv_act_fused(x, weight, bias, act: str = "none", in_bias=None):
     """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests."""
     if _td is None:
         raise RuntimeError(f"dwconv_act: Triton kernels unavailable ({_TRITON_ERROR})")
-    _check(x, weight, bias, act)
-    return _launch_fused(x, weight, bias, act)
+    _check(x, weight, bias, act, in_bias)
+    return _launch_fused(x, weight, bias, act, in_bias)
 
 
-def _launch_fused(x, weight, bias, act):
+def _launch_fused(x, weight, bias, act, in_bias=None):
     """The Triton kernel on checked arguments: x made contiguous, in the autocast dtype when autocast
-    is on (as F.conv2d would cast it)."""
+    is on (as F.conv2d would cast it). in_bias with a cuDNN backward configured: x + in_bias first."""
+    if in_bias is not None and not _td.supports_in_bias():
+        x, in_bias = x + in_bias, None
     dt = autocast_dtype(x)
     if dt is not None and x.dtype == torch.float32:
         x = x.to(dt)
-    return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act)
+    if in_bias is None:
+        return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act)
+    return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act, in_bias.contiguous())

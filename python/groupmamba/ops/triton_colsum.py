@@ -4,8 +4,14 @@ conv optionally through its activation's derivative, which the same pass applies
 torch computes a bias gradient as grad.sum(0) with its generic reduction, which on a GroupMamba-T
 training step (B=128, bf16, H200) took 6.3 ms for 136 calls, several times the bytes-over-bandwidth
 time. Here: stage 1 splits the rows into about PROGRAMS / ceil(N / BLOCK_N) row blocks; each program
-reads its block of rows (16-byte loads along N) and writes one fp32 partial row; stage 2 (torch) sums
-the few partial rows. Deterministic: no atomics.
+reads its block of rows (16-byte loads along N) and writes one fp32 partial row; stage 2 (sum_middle)
+sums the few partial rows. Deterministic: no atomics.
+
+sum_middle: (B, T, N) fp32 -> (B, N), the sum over T in a fixed order. Used for stage 2 above and for the
+modulation kernels' per-image partials. torch's reduction over a middle or leading dimension launched
+few thread blocks for these small buffers: 4-7 us a call for column_sum's partials and 10-12 us for the
+modulation's (B, T, C) partials at GroupMamba-B stage 3 (H200 profile, eleventh set), with 200-400 such
+calls per training step.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from .triton_act import gelu_grad, silu_grad
 
 # BLOCK_M x BLOCK_N tile per loop step; PROGRAMS: about how many programs to launch (a few per SM)
 CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 4, "programs": 1024}
+# sum_middle: BLOCK_T x BLOCK_N tile per loop step of one program (narrow columns: more programs, each with
+# all of its tile's loads in flight at once)
+MIDDLE = {"block_t": 64, "block_n": 32, "num_warps": 4}
 
 ACT_GRADS = {"silu": 1, "gelu": 2}   # ACT codes of _colsum_partial (0: plain column sum)
 
@@ -55,6 +64,36 @@ def _colsum_partial(G, P, M, NV, ROWS, PRE, GPRE, ACT: tl.constexpr, BLOCK_M: tl
             v = gp.to(tl.float32)            # masked entries are 0
         acc += v
     tl.store(P + pid_m * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["T", "N"])
+def _sum_middle(P, OUT, T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[b, cols] = sum over t of P[b, t, cols], t in increasing tiles (fixed order)."""
+    b = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    base = P + b.to(tl.int64) * T * N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        acc += tl.load(base + ts[:, None] * N + cols[None, :], mask=(ts < T)[:, None] & cmask[None, :], other=0.0)
+    tl.store(OUT + b * N + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+def sum_middle(p: torch.Tensor) -> torch.Tensor:
+    """p (B, T, N) float32 -> (B, N) float32: the sum over T (see the module docstring)."""
+    if p.dim() != 3 or p.dtype != torch.float32:
+        raise ValueError(f"sum_middle: p must be a (B, T, N) float32 tensor, got {p.dtype} {tuple(p.shape)}")
+    B, T, N = p.shape
+    p = p.contiguous()
+    out = torch.empty((B, N), device=p.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
+    if T * N >= 2 ** 31:
+        raise ValueError(f"sum_middle: {T} x {N} rows per image need 64-bit offsets")
+    bt, bn = MIDDLE["block_t"], MIDDLE["block_n"]
+    _sum_middle[(B, triton.cdiv(N, bn))](p, out, T, N, BLOCK_T=bt, BLOCK_N=bn, num_warps=MIDDLE["num_warps"])
+    return out
 
 
 def split_rows(M: int, block: int, programs: int):
@@ -95,4 +134,4 @@ def _column_sums(g, pre, gpre, act: int, op: str):
     _colsum_partial[(progs_m, n_blocks)](g, partial, M, nv, rows, g if pre is None else pre,
                                          g if gpre is None else gpre, ACT=act, BLOCK_M=bm, BLOCK_N=bn, VEC=vec,
                                          num_warps=CONFIG["num_warps"])
-    return partial.sum(0) if progs_m > 1 else partial[0]
+    return sum_middle(partial[None])[0] if progs_m > 1 else partial[0]

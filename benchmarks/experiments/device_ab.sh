@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Build, a few GPU tests, then same-call A/B runs of the training step (ab_train_step.py), on the device:
+#   AB_RUNS="base AB_INBIAS=0 AB_MIDSUM=0 base"  one run per word: "base" = as shipped, else NAME=VALUE[,NAME=VALUE]
+#   AB_MODEL (default groupmamba_base), TEST_FILES / TEST_K / TESTS_TIMEOUT as in device_check.sh (no tests when
+#   TEST_FILES is empty), AB_TIMEOUT per run (default 150 s; the first run compiles every kernel).
+# Each run's table goes to $OUT/ab_<i>.log; a summary line per run to stdout.
+set -u -o pipefail
+export OUT=${OUT:-$PWD/device_out}
+SRC=$PWD
+PY=${PYTHON:-python3}
+RUN_STEPS="build${TEST_FILES:+ tests}" bash benchmarks/device_check.sh || exit 1
+cd /tmp
+i=0
+for run in ${AB_RUNS:-base}; do
+  i=$((i + 1))
+  envs=(); [[ $run != base ]] && IFS=, read -ra envs <<< "$run"
+  t0=$(date +%s)
+  env "${envs[@]}" timeout ${AB_TIMEOUT:-150} $PY "$SRC/benchmarks/experiments/ab_train_step.py" \
+    --models ${AB_MODEL:-groupmamba_base} --cuda-graph --modes train_bf16 --no-baseline --iters 10 \
+    > "$OUT/ab_$i.log" 2>&1
+  echo "run $i [$run] ($(( $(date +%s) - t0 )) s): $(grep -E 'groupmamba_' "$OUT/ab_$i.log" | tail -1)"
+done
