@@ -10,7 +10,8 @@ repository root):
           --cuda-graph --modes train_bf16 --no-baseline --iters 10
     done
 
-Each switch (1 = as shipped, 0 = off) runs benchmarks/bench_models.py with one change undone:
+Each switch (1 = as shipped, 0 = off) runs benchmarks/bench_models.py with one change undone
+(AB_SCRIPT=profile: benchmarks/profile_model.py instead, with the arguments given):
 AB_KEEP   the ConvFFN recompute keeps the conv's pre-activation (models/layers.py)
 AB_FC2SKIP the ConvFFN recompute skips fc2's GEMM (fast_linear.outputs_unused in models/layers.py)
 AB_MODOUT the modulation returns the autocast dtype to proj (models/mixer.py; 0: float32, cast by proj)
@@ -133,6 +134,10 @@ if os.environ.get("AB_FASTACT", "1") == "0":
     triton_dwconv.gelu_grad, triton_dwconv.silu_grad = libdevice_gelu_grad, tl_silu_grad   # the fused wgrad pass
     triton_colsum.gelu_grad, triton_colsum.silu_grad = libdevice_gelu_grad, tl_silu_grad
     triton_norm.sigmoid, triton_norm.silu = tl_sigmoid, tl_silu
+
+if os.environ.get("AB_SCRIPT") == "profile":   # profile_model.py's view of the same configuration
+    import profile_model  # noqa: E402  (benchmarks/ is on sys.path above)
+    sys.exit(profile_model.main(sys.argv[1:]))
 
 import bench_models  # noqa: E402  (benchmarks/ is on sys.path above)
 
