@@ -134,12 +134,7 @@ class ConvFFN(nn.Module):
     The recompute keeps the conv's pre-activation (ops.keep_preactivation), which the conv's backward
     would otherwise recompute once more, and inside a CUDA graph capture skips fc2's GEMM (its output is
     not needed, only its saved input; fast_linear.outputs_unused).
-    fused (with fc1_bias_in_conv): fc1's GEMM runs without its bias, and the fused conv adds it to its input
-    (ops.dwconv_act's in_bias): same function, and the bias gradient comes out of the conv's dx pass
-    instead of a column-sum pass over the hidden-width gradient (as wide as the FFN's largest tensor).
     """
-
-    fc1_bias_in_conv = True   # class-wide switch, for A/B runs (benchmarks/experiments/ab_train_step.py)
 
     def __init__(self, dim: int, hidden_dim: int, recompute: bool = True):
         super().__init__()
@@ -151,7 +146,7 @@ class ConvFFN(nn.Module):
         self.fused = True  # dwconv + bias + GELU in one kernel (ops.dwconv_act); set by GroupMamba.set_fused
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        h = linear(x, self.fc1.weight, None) if self._bias_in_conv() else self.fc1(x)
+        h = self.fc1(x)
         if self.recompute and h.requires_grad and torch.is_grad_enabled():
             # no RNG in the tail, so no RNG state to stash (that would also break CUDA-graph capture).
             # Under torch.compile the conv is torch's own (nothing to keep), and compile accepts only
@@ -162,14 +157,10 @@ class ConvFFN(nn.Module):
                               context_fn=_recompute_context)
         return self._tail(h, H, W)
 
-    def _bias_in_conv(self) -> bool:
-        return self.fused and self.fc1_bias_in_conv
-
     def _tail(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if self.fused:
             conv = self.dwconv.dwconv
-            in_bias = self.fc1.bias if self._bias_in_conv() else None
-            h = dwconv_act(h.unflatten(1, (H, W)), conv.weight, conv.bias, "gelu", in_bias=in_bias).flatten(1, 2)
+            h = dwconv_act(h.unflatten(1, (H, W)), conv.weight, conv.bias, "gelu").flatten(1, 2)
             return self.fc2(h)
         return self.fc2(self.act(self.dwconv(h, H, W)))
 

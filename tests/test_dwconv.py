@@ -1,16 +1,15 @@
 """dwconv_act: depthwise 3x3 conv + bias + activation on (B, H, W, C) tokens.
 
 * CPU (always): the reference vs a float64 hand computation (explicit 3x3 stencil with zero padding),
-  forward and gradients of x, weight, bias (and in_bias, the bias added to x inside the image); argument
-  errors.
+  forward and gradients of x, weight, bias; argument errors.
 * Triton interpreter (always, when Triton is importable): the forward kernel and the Triton backward
   (weight-gradient pass + dx pass) at several tile sizes and program counts, and the cuDNN-backward
   variants (recompute + aten.convolution_backward), on CPU tensors with TRITON_INTERPRET=1, in a
   subprocess; the number and kind of conv passes per weight-gradient method with and without an
   activation checkpoint (ConvFFN's recompute; bit-identical to the plain call with the same method);
-  empty inputs; in_bias through every weight-gradient method (with cuDNN's, x + in_bias is materialized).
+  empty inputs.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
-  1392), fp32 / bf16 / fp16, outputs poisoned first; with in_bias at the FFN shapes; under bf16 autocast.
+  1392), fp32 / bf16 / fp16, outputs poisoned first; under bf16 autocast.
 * The kernels' activations (ops/triton_act.py: GELU, SiLU and their derivatives in few instructions)
   against float64 on a dense grid over [-12, 12] plus +-inf and NaN, in the interpreter (the formulas) and
   on the GPU (the approximate PTX instructions).
@@ -38,22 +37,17 @@ from groupmamba.ops import dwconv as D
 ACTS = ("silu", "gelu", "none")
 
 
-def make(B, H, W, C, dtype=torch.float32, device="cpu", in_bias=False):
-    """Random inputs; in_bias: also an input bias (as large as x, so that a wrong padding shows)."""
+def make(B, H, W, C, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(torch.seed())
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    inp = dict(x=r(B, H, W, C).to(dtype).to(device), weight=(0.4 * r(C, 1, 3, 3)).to(pdt).to(device),
-               bias=(0.2 * r(C)).to(pdt).to(device), g=r(B, H, W, C).to(dtype).to(device))
-    if in_bias:
-        inp["in_bias"] = r(C).to(pdt).to(device)
-    return inp
+    return dict(x=r(B, H, W, C).to(dtype).to(device), weight=(0.4 * r(C, 1, 3, 3)).to(pdt).to(device),
+                bias=(0.2 * r(C)).to(pdt).to(device), g=r(B, H, W, C).to(dtype).to(device))
 
 
 def run(fn, inp, act):
-    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "in_bias") if k in inp}
-    kw = {"in_bias": leaves["in_bias"]} if "in_bias" in leaves else {}
-    out = fn(leaves["x"], leaves["weight"], leaves["bias"], act, **kw)
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias")}
+    out = fn(leaves["x"], leaves["weight"], leaves["bias"], act)
     (out.double() * inp["g"].double()).sum().backward()
     return dict(out=out, **{"d" + k: v.grad for k, v in leaves.items()})
 
@@ -62,8 +56,6 @@ def hand64(inp, act):
     d = {k: v.detach().double().cpu().requires_grad_() for k, v in inp.items()}
     x, w, b = d["x"], d["weight"], d["bias"]
     B, H, W, C = x.shape
-    if "in_bias" in d:
-        x = x + d["in_bias"]
     xp = F.pad(x, (0, 0, 1, 1, 1, 1))   # zero padding of H and W
     y = b.expand(B, H, W, C).clone()
     for i in range(3):
@@ -74,20 +66,14 @@ def hand64(inp, act):
     elif act == "gelu":
         y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
     (y * d["g"]).sum().backward()
-    res = dict(out=y, dx=d["x"].grad, dweight=w.grad, dbias=b.grad)
-    if "in_bias" in d:
-        res["din_bias"] = d["in_bias"].grad
-    return res
+    return dict(out=y, dx=x.grad, dweight=w.grad, dbias=b.grad)
 
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 8), (1, 1, 1, 4), (2, 3, 2, 6)])
 def test_reference_matches_hand(shape, act):
-    for in_bias in (False, True):
-        inp = make(*shape, dtype=torch.float64, in_bias=in_bias)
-        res = run(D.dwconv_act, inp, act)
-        assert ("din_bias" in res) == in_bias
-        compare(res, hand64(inp, act), 1e-12, 1e-12, f"reference {shape} {act} in_bias={in_bias}")
+    inp = make(*shape, dtype=torch.float64)
+    compare(run(D.dwconv_act, inp, act), hand64(inp, act), 1e-12, 1e-12, f"reference {shape} {act}")
 
 
 def test_argument_errors():
@@ -103,10 +89,6 @@ def test_argument_errors():
         D.dwconv_act(x, w, b[:3], "silu")
     with pytest.raises(TypeError, match="floating point"):
         D.dwconv_act(x.long(), w, b, "silu")
-    with pytest.raises(ValueError, match=r"in_bias must have shape \(8,\)"):
-        D.dwconv_act(x, w, b, "gelu", in_bias=b[:3])
-    with pytest.raises(TypeError, match="in_bias must be floating point"):
-        D.dwconv_act(x, w, b, "gelu", in_bias=b.long())
 
 
 class _FakeCtx:
@@ -114,7 +96,7 @@ class _FakeCtx:
 
     def __init__(self, inp):
         x, w, b = inp["x"], inp["weight"], inp["bias"]
-        self.saved_tensors = (x, w, D._td._taps(w), b, x, None)
+        self.saved_tensors = (x, w, D._td._taps(w), b, x)
         self.act = "silu"
         self.needs_input_grad = (True, True, True, False)
 
@@ -151,37 +133,23 @@ def _interpret_checks():
         td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_programs=programs)
         inp = make(3, 7, 5, 40)
         compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter {programs} programs")
-    for shape, act, (bh, bc) in INTERPRET_CASES[:4]:     # in_bias: padding at every border, dx-pass sums
-        td.CONFIG.update(defaults, block_h=bh, block_c=bc)
-        inp = make(*shape, in_bias=True)
-        compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter in_bias {shape} {act}")
     td.CONFIG.update(defaults)
     inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
     res = run(D.dwconv_act_fused, inp, "gelu")
     compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")
     assert res["out"].dtype == res["dx"].dtype == torch.bfloat16 and res["dweight"].dtype == torch.float32
-    inp = make(2, 5, 5, 24, dtype=torch.bfloat16, in_bias=True)
-    res = run(D.dwconv_act_fused, inp, "gelu")
-    compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16 in_bias")
-    assert res["din_bias"].dtype == torch.float32
     _check_conv_passes(td)
-    _check_conv_passes(td, in_bias=True)
     _check_act_backward_and_bias_grad()
     check_activations("cpu")
     for method in ("split", "cudnn"):   # the other weight-gradient methods, with dx from aten (cuDNN) too
         td.CONFIG.update(defaults, wgrad=method, triton_dgrad=False)
         for act in ("silu", "none"):
-            for in_bias in (False, True):
-                inp = make(2, 5, 7, 16, in_bias=in_bias)
-                compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4,
-                        f"interpreter {method} {act} in_bias={in_bias}")
-    td.CONFIG.update(defaults, wgrad="split")    # split with the Triton dx pass and in_bias
-    inp = make(2, 5, 7, 16, in_bias=True)
-    compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, "interpreter split in_bias")
+            inp = make(2, 5, 7, 16)
+            compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {method} {act}")
     for method in ("fused", "split", "cudnn"):   # empty batch: empty / zero gradients, nothing launched
         td.CONFIG.update(defaults, wgrad=method)
         for act in ("gelu", "none"):
-            inp = make(0, 4, 5, 8, in_bias=method == "fused")
+            inp = make(0, 4, 5, 8)
             compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 0, 0, f"interpreter empty {method} {act}")
     td.CONFIG.update(defaults, wgrad="cudnn", fused_act_bwd=False)  # torch's derivative + column_sum
     for act in ("silu", "gelu"):
@@ -253,15 +221,14 @@ def _check_act_backward_and_bias_grad():
         tc.CONFIG.update(saved)
 
 
-def _check_conv_passes(td, device="cpu", dtype=torch.float32, in_bias=False):
+def _check_conv_passes(td, device="cpu", dtype=torch.float32):
     """How many conv passes a GELU conv's forward + backward makes with each weight-gradient method, with
     and without an activation checkpoint whose recompute keeps the pre-activation (as ConvFFN runs it),
     and that both give the float64 results.
     Without the checkpoint (CONFIG["wgrad"]): the forward, a recompute of the pre-activation (not with
     "fused", whose weight-gradient pass recomputes it itself), the dx pass. With it (CONFIG["wgrad_kept"]:
     "split" or "cudnn"): the forward, the recompute that keeps the pre-activation, the dx pass. With the
-    same method both ways the results are bit-identical. in_bias: the same passes (cuDNN's backward
-    materializes x + in_bias instead).
+    same method both ways the results are bit-identical.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -275,7 +242,7 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32, in_bias=False):
     ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
     fwd, recompute, kept, dx_pass = (False, False), (False, False), (True, False), (False, True)
     wgrad = {"fused": [("wgrad", "gelu")], "split": [("wgrad", "none")], "cudnn": []}
-    inp = make(2, 6, 5, 24, dtype=dtype, device=device, in_bias=in_bias)
+    inp = make(2, 6, 5, 24, dtype=dtype, device=device)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     try:
         for method, method_kept in (("fused", "split"), ("split", "split"), ("cudnn", "cudnn")):
@@ -285,7 +252,7 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32, in_bias=False):
             passes = [fwd] + ([] if method == "fused" else [recompute]) + wgrad[method] + [dx_pass]
             assert calls == passes, (method, calls)
             calls.clear()
-            ckpt = run(lambda *a, **k: checkpoint(D.dwconv_act_fused, *a, **k, use_reentrant=False, context_fn=ctx),
+            ckpt = run(lambda *a: checkpoint(D.dwconv_act_fused, *a, use_reentrant=False, context_fn=ctx),
                        inp, "gelu")
             assert calls == [fwd, kept] + wgrad[method_kept] + [dx_pass], (method_kept, calls)
             if method == method_kept:
@@ -325,22 +292,8 @@ def test_gpu_fused_vs_float64(shape, act, dt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(2, 56, 56, 512), (2, 14, 14, 1696), (2, 7, 7, 2048), (3, 5, 9, 20), (1, 1, 1, 8)],
-                         ids=str)
-def test_gpu_in_bias_vs_float64(shape, dt):
-    """The FFN's conv with fc1's bias folded in (in_bias): forward, all four gradients."""
-    inp = make(*shape, dtype=dt, device="cuda", in_bias=True)
-    poison_cuda_cache()
-    res = run(D.dwconv_act, inp, "gelu")
-    tol = 1e-5 if dt == torch.float32 else 1e-2
-    compare(res, hand64(inp, "gelu"), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu in_bias {shape} {dt}")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("in_bias", [False, True])
-@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_conv_passes_and_checkpoint(dt, in_bias):
-    _check_conv_passes(D._td, "cuda", dt, in_bias)
+def test_gpu_conv_passes_and_checkpoint(dt):
+    _check_conv_passes(D._td, "cuda", dt)
 
 
 @pytest.mark.gpu

@@ -128,22 +128,18 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     block_h, block_c, num_warps = td.tiles(H, C, forward=True)
     kernel, ints = td._dwconv_fwd, ("H", "W", "CV", "NHB")
     vec = channel_split(C)[1]
-    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no
-    # bias); each with and without an input bias (the forward) / the in_bias gradient's sums (the dx pass)
+    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias)
     for act_code, keep_pre, dx_pass in ((td.ACTS[fn], False, False), (td.ACTS[fn], True, False), (0, False, True)):
-        for with_in_bias in (False, True):
-            consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec,
-                          HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass, HAS_IN_BIAS=with_in_bias and not dx_pass,
-                          COLSUM=with_in_bias and dx_pass)
-            compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
-            assert len(compiled.asm["cubin"]) > 0
+        consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec,
+                      HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass)
+        compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
+        assert len(compiled.asm["cubin"]) > 0
     block_h, block_c, num_warps = td.tiles(H, C)
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
-        for with_in_bias in (False, True):
-            consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_IN_BIAS=with_in_bias)
-            compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
-                                    {"X", "GO", "G"}, act, num_warps)
-            assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
+        consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec)
+        compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
+                                {"X", "GO", "G"}, act, num_warps)
+        assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
@@ -196,13 +192,13 @@ def test_unaligned_widths_get_wide_loads(C):
     block_h, block_c, num_warps = td.tiles(14, C, forward=True)
     vec = channel_split(C)[1]
     consts = dict(ACT=1, STORE_PRE=False, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_BIAS=True,
-                  FLIP_TAPS=False, HAS_IN_BIAS=True, COLSUM=False)
+                  FLIP_TAPS=False)
     widths["dwconv fwd"] = global_access_widths(compile_sm90(
         td._dwconv_fwd, consts, {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16",
         num_warps))
     block_h, block_c, num_warps = td.tiles(14, C)
     widths["dwconv wgrad"] = global_access_widths(compile_sm90(
-        td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_IN_BIAS=True),
+        td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec),
         {k: "i32" for k in ("H", "W", "CV", "NHB", "NRB", "PER_PROGRAM")}, {"X", "GO", "G"}, "*bf16", num_warps))
     for name, w in widths.items():
         assert not any("U16" in x or "S16" in x for x in w), (name, w)

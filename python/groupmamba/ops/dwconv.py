@@ -1,14 +1,10 @@
 """Depthwise 3x3 convolution + bias + activation on channels-last tokens (the GroupMamba mixer's
 conv + SiLU and the ConvFFN's dwconv + GELU).
 
-    dwconv_act(x, weight, bias, act, in_bias=None)
-        x: (B, H, W, C); weight: (C, 1, 3, 3); bias: (C,); act: "silu", "gelu" (exact, erf) or "none";
-        in_bias: None or (C,), added to x before the convolution (the zero padding stays zero)
+    dwconv_act(x, weight, bias, act)    x: (B, H, W, C); weight: (C, 1, 3, 3); bias: (C,);
+                                        act: "silu", "gelu" (exact, erf) or "none"
 
-Same function as act(F.conv2d((x + in_bias) in NCHW, weight, bias, padding=1, groups=C)) returned as
-(B, H, W, C). in_bias is for the bias of the Linear that produces x (ConvFFN's fc1): that Linear then runs
-without it, and the fused backward gets in_bias's gradient (the sum of dx) from its dx pass, instead of a
-bias-gradient pass over the Linear's output gradient.
+Same function as act(F.conv2d(x in NCHW, weight, bias, padding=1, groups=C)) returned as (B, H, W, C).
 CUDA tensors (float32 / bfloat16 / float16) with Triton importable, eagerly: the fused Triton kernel of
 triton_dwconv.py (one pass instead of conv, bias add and activation). Otherwise (CPU, float64, under
 torch.compile, which fuses the bias and activation itself, or GROUPMAMBA_FORCE_REFERENCE=1): the torch
@@ -35,12 +31,11 @@ except Exception as e:  # noqa: BLE001
     _TRITON_ERROR = f"{type(e).__name__}: {e}"
 
 
-def _check(x, weight, bias, act, in_bias=None):
+def _check(x, weight, bias, act):
     op = "dwconv_act"
     if act not in ACTS:
         raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
-    named = (("x", x), ("weight", weight), ("bias", bias)) + ((("in_bias", in_bias),) if in_bias is not None else ())
-    check_float_tensors(op, x, named)
+    check_float_tensors(op, x, (("x", x), ("weight", weight), ("bias", bias)))
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be (B, H, W, C), got shape {tuple(x.shape)}")
     C = x.shape[-1]
@@ -48,13 +43,9 @@ def _check(x, weight, bias, act, in_bias=None):
         raise ValueError(f"{op}: weight must have shape ({C}, 1, 3, 3), got {tuple(weight.shape)}")
     if tuple(bias.shape) != (C,):
         raise ValueError(f"{op}: bias must have shape ({C},), got {tuple(bias.shape)}")
-    if in_bias is not None and tuple(in_bias.shape) != (C,):
-        raise ValueError(f"{op}: in_bias must have shape ({C},), got {tuple(in_bias.shape)}")
 
 
-def dwconv_act_reference(x, weight, bias, act: str, in_bias=None):
-    if in_bias is not None:
-        x = x + in_bias
+def dwconv_act_reference(x, weight, bias, act: str):
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=x.shape[-1])
     if act == "silu":
         y = F.silu(y)
@@ -69,36 +60,32 @@ def keep_preactivation():
     return contextlib.nullcontext() if _td is None else _td.keep_preactivation()
 
 
-def _use_fused(x, weight, bias, in_bias) -> bool:
+def _use_fused(x, weight, bias) -> bool:
     if _td is None or _native.force_reference() or not x.is_cuda or torch.compiler.is_compiling():
         return False
-    return all(t.dtype in _FUSED_DTYPES for t in (x, weight, bias) + ((in_bias,) if in_bias is not None else ()))
+    return all(t.dtype in _FUSED_DTYPES for t in (x, weight, bias))
 
 
-def dwconv_act(x, weight, bias, act: str = "none", in_bias=None):
+def dwconv_act(x, weight, bias, act: str = "none"):
     """See the module docstring."""
-    _check(x, weight, bias, act, in_bias)
-    if not _use_fused(x, weight, bias, in_bias):
-        return dwconv_act_reference(x, weight, bias, act, in_bias)
-    return _launch_fused(x, weight, bias, act, in_bias)
+    _check(x, weight, bias, act)
+    if not _use_fused(x, weight, bias):
+        return dwconv_act_reference(x, weight, bias, act)
+    return _launch_fused(x, weight, bias, act)
 
 
-def dwconv_act_fused(x, weight, bias, act: str = "none", in_bias=None):
+def dwconv_act_fused(x, weight, bias, act: str = "none"):
     """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests."""
     if _td is None:
         raise RuntimeError(f"dwconv_act: Triton kernels unavailable ({_TRITON_ERROR})")
-    _check(x, weight, bias, act, in_bias)
-    return _launch_fused(x, weight, bias, act, in_bias)
+    _check(x, weight, bias, act)
+    return _launch_fused(x, weight, bias, act)
 
 
-def _launch_fused(x, weight, bias, act, in_bias=None):
+def _launch_fused(x, weight, bias, act):
     """The Triton kernel on checked arguments: x made contiguous, in the autocast dtype when autocast
-    is on (as F.conv2d would cast it). in_bias with a cuDNN backward configured: x + in_bias first."""
-    if in_bias is not None and not _td.supports_in_bias():
-        x, in_bias = x + in_bias, None
+    is on (as F.conv2d would cast it)."""
     dt = autocast_dtype(x)
     if dt is not None and x.dtype == torch.float32:
         x = x.to(dt)
-    if in_bias is None:
-        return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act)
-    return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act, in_bias.contiguous())
+    return _td.DWConvAct.apply(x.contiguous(), weight.contiguous(), bias.contiguous(), act)

@@ -74,9 +74,9 @@ def tiles(H: int, C: int, forward: bool = False):
 
 
 @triton.jit
-def _row_col(img, off, m, w, W, C, pad):
-    """Column w of the tile's input rows (offsets `off` at column 0) as fp32; `pad` outside the image."""
-    return tl.load(img + off + w * C, mask=m & (w < W), other=pad).to(tl.float32)
+def _row_col(img, off, m, w, W, C):
+    """Column w of the tile's input rows (offsets `off` at column 0) as fp32; zero outside the image."""
+    return tl.load(img + off + w * C, mask=m & (w < W), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -88,16 +88,10 @@ def _stencil(bias, t0, t1, t2, t3, t4, t5, t6, t7, t8, lu, mu, ru, lm, mm, rm, l
 
 @triton.jit
 def _out_col(obase, pbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-             lu, mu, ru, lm, mm, rm, ld, md, rd, s, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-             COLSUM: tl.constexpr):
+             lu, mu, ru, lm, mm, rm, ld, md, rd, ACT: tl.constexpr, STORE_PRE: tl.constexpr):
     """Output column w from the window (l/m/r = columns w-1, w, w+1; u/m/d = rows above, at, below);
-    with STORE_PRE also the pre-activation at pbase. Returns s, plus the column when COLSUM (ACT 0), times
-    w < W: the loop's last step computes up to two columns past W (one FFMA per element, no select)."""
+    with STORE_PRE also the pre-activation at pbase."""
     acc = _stencil(bias, t0, t1, t2, t3, t4, t5, t6, t7, t8, lu, mu, ru, lm, mm, rm, ld, md, rd)
-    if COLSUM == 1:     # a loop step's first column: always inside the image
-        s += acc
-    elif COLSUM == 2:
-        s = acc * (w < W).to(tl.float32) + s
     if STORE_PRE:
         tl.store(pbase + off + w * C, acc.to(pbase.dtype.element_ty), mask=m & (w < W))
     if ACT == 1:
@@ -105,7 +99,6 @@ def _out_col(obase, pbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7
     elif ACT == 2:
         acc = gelu(acc)
     tl.store(obase + off + w * C, acc.to(obase.dtype.element_ty), mask=m & (w < W))
-    return s
 
 
 @triton.jit
@@ -121,10 +114,10 @@ def _rows(hh, H, W, C, cs, cmask):
 
 
 @triton.jit
-def _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w, W, C, pad):
+def _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w, W, C):
     """Column w of the window's three input rows (above, at, below the output row)."""
-    return (_row_col(img, off_u, m_u, w, W, C, pad), _row_col(img, off_m, m_m, w, W, C, pad),
-            _row_col(img, off_d, m_d, w, W, C, pad))
+    return (_row_col(img, off_u, m_u, w, W, C), _row_col(img, off_m, m_m, w, W, C),
+            _row_col(img, off_d, m_d, w, W, C))
 
 
 @triton.jit
@@ -133,15 +126,9 @@ def _tap(WT, k: tl.constexpr, C, cs, cok, FLIP: tl.constexpr):
 
 
 @triton.jit
-def _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr, IB, HAS_IN_BIAS: tl.constexpr,
-               X):
-    """The nine taps and the bias of channels cs as fp32 rows, and the value the window loads outside the
-    image. FLIP: the taps rotated by 180 degrees (tap k read from row 8 - k); no HAS_BIAS: a zero bias.
-    HAS_IN_BIAS: the conv runs on x + in_bias (IB) inside the image and zeros outside. The window then
-    loads pad = -in_bias (rounded to X's dtype) outside the image instead of 0, and the bias gains
-    in_bias * (sum of the taps): the nine terms of a border output are then the same as with x + in_bias
-    and zero padding, up to that rounding of the pad (half an ulp of in_bias at 16 bits, less than the
-    rounding of x + in_bias itself), with no extra instruction per element."""
+def _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS: tl.constexpr = True, FLIP: tl.constexpr = False):
+    """The nine taps and the bias of channels cs, as fp32 rows. FLIP: the taps rotated by 180 degrees (tap k
+    read from row 8 - k); no HAS_BIAS: a zero bias."""
     taps = (_tap(WT, 0, C, cs, cok, FLIP), _tap(WT, 1, C, cs, cok, FLIP), _tap(WT, 2, C, cs, cok, FLIP),
             _tap(WT, 3, C, cs, cok, FLIP), _tap(WT, 4, C, cs, cok, FLIP), _tap(WT, 5, C, cs, cok, FLIP),
             _tap(WT, 6, C, cs, cok, FLIP), _tap(WT, 7, C, cs, cok, FLIP), _tap(WT, 8, C, cs, cok, FLIP))
@@ -149,24 +136,15 @@ def _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS: tl.constexpr, FLIP: tl.constexpr,
         bias = tl.load(Bias + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
     else:
         bias = tl.zeros_like(taps[0])
-    if HAS_IN_BIAS:
-        ib = tl.load(IB + cs, mask=cok, other=0.0).to(tl.float32)[None, :]
-        t = taps[0] + taps[1] + taps[2] + taps[3] + taps[4] + taps[5] + taps[6] + taps[7] + taps[8]
-        bias = bias + ib * t
-        pad = (-ib).to(X.dtype.element_ty)
-    else:
-        pad = 0.0
-    return taps + (bias, pad)
+    return taps + (bias,)
 
 
 @triton.jit(do_not_specialize=["H", "W", "CV", "NHB"])
-def _dwconv_fwd(X, WT, Bias, IB, OUT, PRE, PSUM, H, W, CV, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
-                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr,
-                FLIP_TAPS: tl.constexpr, HAS_IN_BIAS: tl.constexpr, COLSUM: tl.constexpr):
+def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, CV, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr = True,
+                FLIP_TAPS: tl.constexpr = False):
     """act(conv + bias) for a tile of BLOCK_H rows x BLOCK_C channels; see the module docstring. FLIP_TAPS
-    and no HAS_BIAS: the backward's dx pass (the taps rotated by 180 degrees, no bias). HAS_IN_BIAS: the
-    conv of x + IB (see _taps_bias). COLSUM: also PSUM[program row, channels] = the fp32 sum of this
-    program's outputs (before rounding; ACT 0 only): the dx pass's partials of in_bias's gradient."""
+    and no HAS_BIAS: the backward's dx pass (the taps rotated by 180 degrees, no bias)."""
     C = CV * VEC  # see _util.channel_split
     pid = tl.program_id(0)
     b = pid // NHB
@@ -177,10 +155,7 @@ def _dwconv_fwd(X, WT, Bias, IB, OUT, PRE, PSUM, H, W, CV, NHB, ACT: tl.constexp
     image = b.to(tl.int64) * H * W * C      # 64-bit offset of image b (x and out alike)
     img = X + image
     off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
-    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias, pad = _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS, FLIP_TAPS, IB,
-                                                               HAS_IN_BIAS, X)
-    if HAS_IN_BIAS:
-        pad = tl.zeros((BLOCK_H, BLOCK_C), dtype=X.dtype.element_ty) + pad
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS, FLIP_TAPS)
     # window: columns w-1 (a*), w (b*) and w+1 (c*) of the three input rows; column -1 is padding. Each
     # iteration first issues the loads of the next three columns (d*, e*, f*), then computes and stores
     # its three output columns: output w needs no new column, so its arithmetic and store overlap the nine
@@ -188,30 +163,26 @@ def _dwconv_fwd(X, WT, Bias, IB, OUT, PRE, PSUM, H, W, CV, NHB, ACT: tl.constexp
     # assume that OUT and X may alias: loading each column right before its use left three loads per warp
     # in flight, and the kernel latency-bound.) The loop is unrolled by three so the window's roles rotate
     # statically instead of by register moves.
-    au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32) + pad   # column -1: padding
-    am = au
-    ad = au
-    bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C, pad)
-    cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 1, W, C, pad)
+    au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    am = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    ad = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C)
+    cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 1, W, C)
     obase = OUT + image
     pbase = PRE + image
-    s = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)    # COLSUM: this program's output sums
     for w in range(0, W, 3):
-        du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C, pad)
-        eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C, pad)
-        fu, fm, fd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 4, W, C, pad)
-        s = _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                     au, bu, cu, am, bm, cm, ad, bd, cd, s, ACT, STORE_PRE, 1 if COLSUM else 0)
-        s = _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                     bu, cu, du, bm, cm, dm, bd, cd, dd, s, ACT, STORE_PRE, 2 if COLSUM else 0)
-        s = _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                     cu, du, eu, cm, dm, em, cd, dd, ed, s, ACT, STORE_PRE, 2 if COLSUM else 0)
+        du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
+        eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
+        fu, fm, fd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 4, W, C)
+        _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 au, bu, cu, am, bm, cm, ad, bd, cd, ACT, STORE_PRE)
+        _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 bu, cu, du, bm, cm, dm, bd, cd, dd, ACT, STORE_PRE)
+        _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                 cu, du, eu, cm, dm, em, cd, dd, ed, ACT, STORE_PRE)
         au, am, ad = du, dm, dd
         bu, bm, bd = eu, em, ed
         cu, cm, cd = fu, fm, fd
-    if COLSUM:   # rows past H computed values from row H - 1 (masked stores): leave them out
-        s = tl.where((hh < H)[:, None], s, 0.0)
-        tl.store(PSUM + pid.to(tl.int64) * C + cs, tl.sum(s, axis=0), mask=cok)
 
 
 @triton.jit
@@ -234,22 +205,19 @@ def _grad_col(gobase, gbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, 
 
 
 @triton.jit(do_not_specialize=["H", "W", "CV", "NHB", "NRB", "PER_PROGRAM"])
-def _dwconv_wgrad(X, GO, WT, Bias, IB, G, DWP, H, W, CV, NHB, NRB, PER_PROGRAM, ACT: tl.constexpr,
-                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, HAS_IN_BIAS: tl.constexpr):
+def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, CV, NHB, NRB, PER_PROGRAM, ACT: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr):
     """The backward's activation derivative, weight and bias gradients in one pass over x and grad_out.
     Program (p, c) walks row blocks p*PER_PROGRAM .. (p+1)*PER_PROGRAM - 1 of the B*NHB blocks of BLOCK_H
     rows (channels c*BLOCK_C ...) with _dwconv_fwd's sliding window over x; it stores G = grad_out *
     act'(pre) (ACT 0: nothing, G is grad_out) and its fp32 partial sums DWP[p, k, c] of G * x shifted by
-    tap k (k < 9) and of G (k = 9), summed over programs afterwards in a fixed order (deterministic).
-    HAS_IN_BIAS: the window holds x, padded with -IB as in the forward (_taps_bias); the tap sums then miss
-    IB * sum(G), which the launcher adds."""
+    tap k (k < 9) and of G (k = 9), summed over programs afterwards in a fixed order (deterministic)."""
     C = CV * VEC  # see _util.channel_split
     pid = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cok = cs < C
     cmask = cok[None, :]
-    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias, pad = _taps_bias(WT, Bias, C, cs, cok, True, False, IB, HAS_IN_BIAS,
-                                                               X)
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, bias = _taps_bias(WT, Bias, C, cs, cok)
     a0 = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     a1, a2, a3, a4, a5, a6, a7, a8, a9 = a0, a0, a0, a0, a0, a0, a0, a0, a0
     for j in range(pid * PER_PROGRAM, tl.minimum(NRB, (pid + 1) * PER_PROGRAM)):
@@ -260,19 +228,19 @@ def _dwconv_wgrad(X, GO, WT, Bias, IB, G, DWP, H, W, CV, NHB, NRB, PER_PROGRAM, 
         gobase = GO + image
         gbase = G + image
         off_u, off_m, off_d, m_u, m_m, m_d = _rows(hh, H, W, C, cs, cmask)
-        au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32) + pad   # column -1: padding
+        au = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
         am, ad = au, au
-        bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C, pad)
+        bu, bm, bd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 0, W, C)
         for w in range(0, W, 3):
-            cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 1, W, C, pad)
+            cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 1, W, C)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
                 gobase, gbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                 au, bu, cu, am, bm, cm, ad, bd, cd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
-            du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C, pad)
+            du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
                 gobase, gbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                 bu, cu, du, bm, cm, dm, bd, cd, dd, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
-            eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C, pad)
+            eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
             a0, a1, a2, a3, a4, a5, a6, a7, a8, a9 = _grad_col(
                 gobase, gbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
                 cu, du, eu, cm, dm, em, cd, dd, ed, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, ACT)
@@ -298,34 +266,25 @@ def _check_size(x):
                          "(32-bit offsets inside one image); split the image")
 
 
-def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = False, in_bias=None,
-          colsum: bool = False):
+def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = False):
     """act(conv(x) + bias); with keep_pre, (that, the pre-activation conv(x) + bias) from one pass.
-    bias None: no bias; flip_taps: the taps rotated by 180 degrees (read in reverse, no copy); in_bias: the
-    conv of x + in_bias inside the image (zero padding); colsum (act "none"): also the output's float32 sums
-    over all but the channel dimension, as a second result."""
+    bias None: no bias; flip_taps: the taps rotated by 180 degrees (read in reverse, no copy)."""
     B, H, W, C = x.shape
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
-    bh, bc, nw = tiles(H, C, forward=True)
-    nhb = triton.cdiv(H, bh)
-    psum = torch.empty((B * nhb, C), device=x.device, dtype=torch.float32) if colsum else taps   # else unused
     if out.numel():
+        bh, bc, nw = tiles(H, C, forward=True)
+        nhb = triton.cdiv(H, bh)
         cv, vec = channel_split(C)
-        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](
-            x, taps, taps if bias is None else bias, taps if in_bias is None else in_bias, out, pre, psum, H, W, cv,
-            nhb, ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc, VEC=vec, HAS_BIAS=bias is not None,
-            FLIP_TAPS=flip_taps, HAS_IN_BIAS=in_bias is not None, COLSUM=colsum, num_warps=nw)
-    if colsum:
-        sums = column_sum(psum) if psum.shape[0] else torch.zeros(C, device=x.device, dtype=torch.float32)
-        return out, sums
+        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, H, W, cv, nhb,
+                                                   ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc, VEC=vec,
+                                                   HAS_BIAS=bias is not None, FLIP_TAPS=flip_taps, num_warps=nw)
     return (out, pre) if keep_pre else out
 
 
-def _conv_grads(x, grad_out, taps, bias, act: str, in_bias=None):
+def _conv_grads(x, grad_out, taps, bias, act: str):
     """(g = grad_out * act'(pre) in grad_out's dtype (grad_out itself for act "none"), the taps' gradient
-    (9, C) and the bias gradient (C,), both fp32) from one _dwconv_wgrad pass over x and grad_out; in_bias:
-    the conv's input is x + in_bias (see _conv)."""
+    (9, C) and the bias gradient (C,), both fp32) from one _dwconv_wgrad pass over x and grad_out."""
     B, H, W, C = x.shape
     bh, bc, nw = tiles(H, C)
     nhb = triton.cdiv(H, bh)
@@ -335,16 +294,12 @@ def _conv_grads(x, grad_out, taps, bias, act: str, in_bias=None):
     g = grad_out if act == "none" else torch.empty_like(grad_out)
     partial = torch.empty(programs, 10, C, device=x.device, dtype=torch.float32)
     cv, vec = channel_split(C)
-    _dwconv_wgrad[(programs, n_cblocks)](x, grad_out, taps, bias, taps if in_bias is None else in_bias, g, partial,
-                                         H, W, cv, nhb, n_blocks, per_program, ACT=ACTS[act], BLOCK_H=bh, BLOCK_C=bc,
-                                         VEC=vec, HAS_IN_BIAS=in_bias is not None, num_warps=nw)
+    _dwconv_wgrad[(programs, n_cblocks)](x, grad_out, taps, bias, g, partial, H, W, cv, nhb, n_blocks,
+                                         per_program, ACT=ACTS[act], BLOCK_H=bh, BLOCK_C=bc, VEC=vec, num_warps=nw)
     # the Triton column sum: torch's reduction over the partials' leading dimension took 7-31 us a call at
     # GroupMamba-B's FFN shapes (H200 profile, eleventh set)
     sums = column_sum(partial.view(programs, 10 * C)).view(10, C)
-    dtaps, db = sums[:9], sums[9]
-    if in_bias is not None:   # the window held x padded with -in_bias: add in_bias * sum(g) to every tap
-        dtaps = torch.addcmul(dtaps, in_bias.float()[None, :], db[None, :])
-    return g, dtaps, db
+    return g, sums[:9], sums[9]
 
 
 _KEEP = ThreadFlag()
@@ -361,82 +316,60 @@ def _taps(weight):
     return weight.reshape(weight.shape[0], 9).t().float().contiguous()      # (9, C): coalesced per tap
 
 
-def supports_in_bias() -> bool:
-    """Whether DWConvAct can take in_bias with the current CONFIG: the Triton weight-gradient and dx passes
-    handle it; cuDNN's backward would need x + in_bias materialized (dwconv.dwconv_act does that then)."""
-    return CONFIG["triton_dgrad"] and "cudnn" not in (CONFIG["wgrad"], CONFIG["wgrad_kept"])
-
-
 class DWConvAct(torch.autograd.Function):
-    """act(conv(x + in_bias) + bias) (in_bias None: conv(x)); see the module docstring."""
-
     @staticmethod
-    def forward(ctx, x, weight, bias, act, in_bias=None):
+    def forward(ctx, x, weight, bias, act):
         _check_size(x)
-        if in_bias is not None and not supports_in_bias():
-            raise ValueError("dwconv_act: in_bias needs the Triton backward (triton_dwconv.CONFIG)")
         ctx.act = act
         taps = _taps(weight)
         if act != "none" and _KEEP:
-            out, pre = _conv(x, taps, bias, act, keep_pre=True, in_bias=in_bias)
+            out, pre = _conv(x, taps, bias, act, keep_pre=True)
         else:
-            out, pre = _conv(x, taps, bias, act, in_bias=in_bias), x
-        # Always the same saved tensors: a checkpoint recompute must save what the original forward saved.
-        # The original forward's ctx is the one the backward sees, so "was the pre-activation kept" is read
-        # from the tensors: the fifth slot holds x itself when it was not.
-        ctx.save_for_backward(x, weight, taps, bias, pre, in_bias)
+            out, pre = _conv(x, taps, bias, act), x
+        # Always five saved tensors of the same shapes: a checkpoint recompute must save what the
+        # original forward saved. The original forward's ctx is the one the backward sees, so "was the
+        # pre-activation kept" is read from the tensors: the fifth slot holds x itself when it was not.
+        ctx.save_for_backward(x, weight, taps, bias, pre)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, taps, bias, pre, in_bias = ctx.saved_tensors
+        x, weight, taps, bias, pre = ctx.saved_tensors
         act = ctx.act
         grad_out = grad_out.contiguous()
         C = x.shape[-1]
-        need = ctx.needs_input_grad
         if x.numel() == 0:  # nothing to launch (the passes below split B*H rows into programs)
+            need = ctx.needs_input_grad
             return (torch.zeros_like(x) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
-                    torch.zeros_like(bias) if need[2] else None, None,
-                    torch.zeros_like(in_bias) if in_bias is not None and need[4] else None)
+                    torch.zeros_like(bias) if need[2] else None, None)
         kept = act != "none" and pre.data_ptr() != x.data_ptr()
         method = CONFIG["wgrad_kept" if kept else "wgrad"]
         if method not in (("split", "cudnn") if kept else ("fused", "split", "cudnn")):
             raise ValueError(f"dwconv_act: unknown weight-gradient method {method!r} (triton_dwconv.CONFIG)")
-        if in_bias is not None and not supports_in_bias():
-            raise ValueError("dwconv_act: in_bias needs the Triton backward (triton_dwconv.CONFIG changed "
-                             "between forward and backward)")
-        dw = db = d_in_bias = None
+        dw = db = None
         if method == "fused":
-            gpre, dtaps, db = _conv_grads(x, grad_out, taps, bias, act, in_bias)
+            gpre, dtaps, db = _conv_grads(x, grad_out, taps, bias, act)
         else:
             if act == "none":
                 gpre = grad_out
             else:
                 if not kept:
-                    pre = _conv(x, taps, bias, "none", in_bias=in_bias)
+                    pre = _conv(x, taps, bias, "none")
                 if CONFIG["fused_act_bwd"]:
                     gpre, db = column_sum_act_grad(grad_out, pre, act)
                 else:
                     gpre = (torch.ops.aten.silu_backward(grad_out, pre) if act == "silu"
                             else torch.ops.aten.gelu_backward(grad_out, pre))
             if method == "split" and ctx.needs_input_grad[1]:
-                _, dtaps, db_pass = _conv_grads(x, gpre, taps, bias, "none", in_bias)
+                _, dtaps, db_pass = _conv_grads(x, gpre, taps, bias, "none")
                 db = db_pass if db is None else db
         if method != "cudnn" and ctx.needs_input_grad[1]:
             dw = dtaps.t().reshape(weight.shape)
         dx = None
         want_dx = ctx.needs_input_grad[0]
-        want_dib = in_bias is not None and need[4]
-        if (want_dx or want_dib) and CONFIG["triton_dgrad"]:
-            # dx is the same stencil over gpre with the taps rotated by 180 degrees, no bias. in_bias's
-            # gradient is dx summed over the image, which the same pass adds up (the Linear that produced x
-            # then needs no bias-gradient pass of its own)
-            if want_dib:
-                dx, d_in_bias = _conv(gpre, taps, None, "none", flip_taps=True, colsum=True)
-                d_in_bias = d_in_bias.to(in_bias.dtype)
-            else:
-                dx = _conv(gpre, taps, None, "none", flip_taps=True)
-            dx = dx if want_dx else None
+        if want_dx and CONFIG["triton_dgrad"]:
+            # dx is the same stencil over gpre with the taps rotated by 180 degrees, no bias
+            dx = _conv(gpre, taps, None, "none", flip_taps=True)
             want_dx = False
         if want_dx or (method == "cudnn" and ctx.needs_input_grad[1]):
             nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
@@ -452,4 +385,4 @@ class DWConvAct(torch.autograd.Function):
             db = None
         else:
             db = (column_sum(gpre.reshape(-1, C)) if db is None else db).to(bias.dtype)
-        return dx, None if dw is None else dw.to(weight.dtype), db, None, d_in_bias
+        return dx, None if dw is None else dw.to(weight.dtype), db, None
