@@ -51,7 +51,13 @@ def _feeds_linear(norm: nn.Module) -> nn.Module:
 
 
 class GroupMambaBlock(nn.Module):
-    """x + GroupMambaLayer(x) (the layer normalises internally), then x + ConvFFN(norm2(x))."""
+    """x + GroupMambaLayer(x) (the layer normalises internally), then x + ConvFFN(norm2(x)).
+
+    ``forward_chain`` leaves the second residual add to the caller: it returns (x, branch, scale) for
+    x + branch [* scale], which the next block's mixer does inside its first LayerNorm pass
+    (GroupMambaLayer.forward_add; the stage's last block is finished with ops.residual_add). On a
+    GroupMamba-B training step that saves one pass over the residual stream forward and two backward per
+    block (BENCHMARKS.md, twelfth set)."""
 
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0, norm_layer=nn.LayerNorm,
                  fused: bool = True, proj_impl: str = "auto", ffn_recompute: bool = True):
@@ -62,18 +68,26 @@ class GroupMambaBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        r = self.attn(x, H, W)
+        return residual_add(*self.forward_chain(x, None, None, H, W))
+
+    def forward_chain(self, x: torch.Tensor, branch: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                      H: int, W: int):
+        """The block on x + branch [* scale] (the previous block's pending add; branch None: on x), returning
+        its own pending add as (x, branch, scale): the block's output is x + branch [* scale]."""
+        if branch is None:
+            r = self.attn(x, H, W)
+        else:
+            x, r = self.attn.forward_add(x, branch, scale, H, W)
         norm2 = self.norm2
         if isinstance(norm2, LayerNorm) and norm2.fused and norm2.weight is not None:
-            # the residual add and norm2 in one op (ops.add_layer_norm: one pass forward and backward on CUDA),
-            # the second residual add vectorized (ops.residual_add)
+            # the residual add and norm2 in one op (ops.add_layer_norm: one pass forward and backward on CUDA)
             out_dtype = autocast_dtype(x) if norm2.autocast_output else None
             x, h = add_layer_norm(x, r, norm2.weight, norm2.bias, norm2.eps, residual_scale=self._drop_scale(r),
                                   out_dtype=out_dtype)
             m = self.mlp(h, H, W)
-            return residual_add(x, m, self._drop_scale(m))
+            return x, m, self._drop_scale(m)
         x = x + self.drop_path(r)
-        return x + self.drop_path(self.mlp(norm2(x), H, W))
+        return x, self.drop_path(self.mlp(norm2(x), H, W)), None
 
     def _drop_scale(self, r: torch.Tensor):
         """The per-sample factors of timm's DropPath for r (the same draws from the same generator), as a
@@ -256,10 +270,11 @@ class GroupMamba(nn.Module):
     def _range(self, name: str):
         return _nvtx_range(name) if self.nvtx else contextlib.nullcontext()
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, branch, scale, H: int, W: int):
+        """blk.forward_chain (see GroupMambaBlock), under activation checkpointing when that is on."""
         if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-            return checkpoint(blk, x, H, W, use_reentrant=False)
-        return blk(x, H, W)
+            return checkpoint(blk.forward_chain, x, branch, scale, H, W, use_reentrant=False)
+        return blk.forward_chain(x, branch, scale, H, W)
 
     def _stage(self, i: int, x: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
         """Stage i (0-based): input image or (B, C, H, W) map -> output tokens (B, L, C), H, W.
@@ -267,9 +282,12 @@ class GroupMamba(nn.Module):
         Stages 0..2 end with their norm (the official code applies it before the next stage)."""
         with self._range(f"stage{i + 1}"):
             x, H, W = getattr(self, f"patch_embed{i + 1}")(x)
+            branch = scale = None      # each block's second residual add is done by the next block
             for j, blk in enumerate(getattr(self, f"block{i + 1}")):
                 with self._range(f"stage{i + 1}.block{j}"):
-                    x = self._run_block(blk, x, H, W)
+                    x, branch, scale = self._run_block(blk, x, branch, scale, H, W)
+            if branch is not None:
+                x = residual_add(x, branch, scale)
             if i != self._last_stage:
                 x = getattr(self, f"norm{i + 1}")(x)
         return x, H, W

@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
-from groupmamba.ops import (dwconv_act, group_layer_norm, grouped_scan, grouped_scan_naive, layernorm_pool, linear,
-                            modulate_layernorm)
+from groupmamba.ops import (add_layernorm_pool, dwconv_act, group_layer_norm, grouped_scan, grouped_scan_naive,
+                            layernorm_pool, linear, modulate_layernorm, residual_add)
 from groupmamba.ops._util import autocast_dtype
 
 from .layers import Linear
@@ -148,13 +148,29 @@ class GroupMambaLayer(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return self._forward(x, H, W)[1]
+
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, residual_scale, H: int, W: int):
+        """(y, layer(y)) for y = x + residual [* residual_scale[b]]: the previous block's second residual add,
+        which the fused path does inside its first LayerNorm pass (ops.add_layernorm_pool)."""
+        return self._forward(x, H, W, residual, residual_scale)
+
+    def _forward(self, x, H, W, residual=None, residual_scale=None):
+        """(the layer's input after the pending residual add, in the stream's dtype; the layer's output)."""
+        if residual is not None and (not self.fused or torch.promote_types(x.dtype, residual.dtype) == torch.float16):
+            x, residual = residual_add(x, residual, residual_scale), None
+        stream = x
         if x.dtype == torch.float16:  # the official layer computes in float32 for float16 inputs
             x = x.float()
         B, L, C = x.shape
         norm = self.norm
         if self.fused:
             # under autocast the same pass also writes xn in the autocast dtype: the in_proj input
-            xn, pooled, *copy = layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=autocast_dtype(x))
+            if residual is None:
+                xn, pooled, *copy = layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=autocast_dtype(x))
+            else:
+                stream, xn, pooled, *copy = add_layernorm_pool(x, residual, norm.weight, norm.bias, norm.eps,
+                                                               residual_scale, copy_dtype=autocast_dtype(x))
         else:
             xn, copy = norm(x), ()
             pooled = xn.mean(dim=1)
@@ -168,7 +184,7 @@ class GroupMambaLayer(nn.Module):
                                    out_dtype=autocast_dtype(y))
         else:
             y = norm(y * self.skip_scale * xn * s.unsqueeze(1))
-        return self.proj(y)
+        return stream, self.proj(y)
 
     def _use_blockdiag(self, x: torch.Tensor) -> bool:
         if self.proj_impl == "auto":

@@ -144,6 +144,33 @@ def test_block_equals_plain_formula_under_stochastic_depth():
     assert torch.allclose(blk(x, 4, 4), plain(x), rtol=1e-6, atol=1e-6)
 
 
+def test_stage_chain_equals_blocks_one_by_one():
+    """A stage runs its blocks as a chain (each block's second residual add is done by the next block's mixer,
+    in add_layernorm_pool, and the last one by residual_add); in training with stochastic depth it must give
+    what the blocks give called one by one, with the same DropPath draws."""
+    import groupmamba.models.mixer as mixer
+    from groupmamba.models.groupmamba import GroupMamba
+    torch.manual_seed(0)
+    model = GroupMamba(stem_hidden_dim=8, embed_dims=(16, 32, 48, 64), mlp_ratios=(2, 2, 2, 2), depths=(3, 1, 1, 1),
+                       drop_path_rate=0.5).train()
+    img = torch.randn(4, 3, 32, 32)
+    calls = []
+    orig = mixer.add_layernorm_pool
+    mixer.add_layernorm_pool = lambda *a, **k: calls.append(a[3]) or orig(*a, **k)
+    try:
+        torch.manual_seed(1)
+        got, H, W = model._stage(0, img)
+    finally:
+        mixer.add_layernorm_pool = orig
+    assert len(calls) == 2      # blocks 1 and 2 take the pending add of blocks 0 and 1
+    torch.manual_seed(1)
+    x, H, W = model.patch_embed1(img)
+    for blk in model.block1:
+        x = blk(x, H, W)
+    want = model.norm1(x)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------
 # Triton interpreter on CPU
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Channel modulation ops: layernorm_pool and modulate_layernorm.
+"""Channel modulation ops: layernorm_pool and modulate_layernorm, and add_layernorm_pool (layernorm_pool of
+x + residual [* per-sample scale], which also returns that sum: a block's pending residual add).
 
 * CPU (always): the torch references vs a float64 hand computation, forward and every gradient;
   argument checking.
@@ -6,7 +7,11 @@
   TRITON_INTERPRET=1, in a subprocess (the variable must be set before Triton is imported); a few
   seconds.
 * GPU (@pytest.mark.gpu): the fused kernels vs float64 at GroupMamba-T stage shapes and odd shapes,
-  fp32 / bf16 / fp16, forward and all gradients, outputs poisoned with NaN first.
+  fp32 / bf16 / fp16, forward and all gradients, outputs poisoned with NaN first; add_layernorm_pool as
+  the model runs it (float32 stream, bf16 residual and copy, DropPath factors) at GroupMamba-B's stages.
+add_layernorm_pool is checked like the chain: y, xn, pooled (and the bf16 copy) and the gradients of x, the
+residual, weight and bias, with a cotangent for every output, against float64; x's and the residual's
+gradients come back in their own dtypes.
 
 Tolerances (relative Frobenius error vs float64, conftest.rel_err):
     float32: outputs and activation gradients 1e-5; LayerNorm weight/bias gradients 1e-4 (sums over
@@ -107,6 +112,66 @@ def compare(res, ref, tol, tol_ln, what="", tol_skip=None):
     assert not bad, f"{what}: errors over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
     for k in ("xn", "pooled", "out", "dx", "dy", "ds", "dweight", "dbias", "dskip"):
         assert res[k].shape == ref[k].shape, (k, res[k].shape, ref[k].shape)
+
+
+def make_add_inputs(B, L, C, x_dtype=torch.float32, r_dtype=torch.float32, scale=True, device="cpu"):
+    """Inputs of add_layernorm_pool: x (the stream), the residual branch, DropPath-like factors (0 or 2),
+    LayerNorm parameters, and cotangents of y, xn, pooled and a bf16 copy."""
+    g = torch.Generator().manual_seed(torch.seed())
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    t = dict(x=r(B, L, C) * 2 + 0.5, res=r(B, L, C), weight=1 + 0.3 * r(C), bias=0.2 * r(C),
+             g_y=r(B, L, C), g_xn=r(B, L, C), g_pooled=r(B, C), g_copy=r(B, L, C))
+    dts = dict(x=x_dtype, res=r_dtype, g_y=torch.promote_types(x_dtype, r_dtype),
+               g_xn=torch.promote_types(x_dtype, r_dtype), g_pooled=torch.promote_types(x_dtype, r_dtype),
+               g_copy=torch.bfloat16)
+    out = {k: v.to(dts.get(k, torch.float32)).to(device) for k, v in t.items()}
+    out["scale"] = (2.0 * (torch.arange(B) % 2)).float().to(device) if scale else None
+    return out
+
+
+def run_add(fn, inp, copy=False):
+    """fn = an add_layernorm_pool: its outputs and the gradients of x, the residual, weight and bias."""
+    p = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "res", "weight", "bias")}
+    out = fn(p["x"], p["res"], p["weight"], p["bias"], EPS, residual_scale=inp["scale"],
+             copy_dtype=torch.bfloat16 if copy else None)
+    names = ("y", "xn", "pooled", "copy")[:len(out)]
+    torch.autograd.backward(list(out), [inp["g_" + n].to(o.dtype) for n, o in zip(names, out)])
+    res = dict(zip(names, (o.detach() for o in out)))
+    res.update({"d" + k: v.grad for k, v in p.items()})
+    return res
+
+
+def hand64_add(inp, copy=False):
+    d = {k: (None if v is None else v.detach().double().cpu()) for k, v in inp.items()}
+    p = {k: d[k].clone().requires_grad_() for k in ("x", "res", "weight", "bias")}
+    r = p["res"] if d["scale"] is None else p["res"] * d["scale"][:, None, None]
+    y = p["x"] + r
+    xn = ln64(y, p["weight"], p["bias"])
+    res = dict(y=y, xn=xn, pooled=xn.mean(dim=1))
+    if copy:
+        res["copy"] = xn
+    sum((res[n] * d["g_" + n]).sum() for n in res).backward()
+    res = {k: v.detach() for k, v in res.items()}
+    res.update({"d" + k: v.grad for k, v in p.items()})
+    return res
+
+
+def compare_add(res, ref, tol, tol_ln, what):
+    """As compare; a 16-bit result (the residual's gradient, the copy) to 1e-2 whatever tol."""
+    low = (torch.bfloat16, torch.float16)
+    errs = {k: (rel_err(res[k], ref[k]), 1e-2 if res[k].dtype in low else tol_ln if k in ("dweight", "dbias") else tol)
+            for k in ref}
+    bad = {k: e for k, (e, t) in errs.items() if not e <= t}
+    assert not bad, f"{what}: errors over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
+    for k in ref:
+        assert res[k].shape == ref[k].shape, (what, k)
+
+
+def check_add_dtypes(res, inp):
+    assert res["y"].dtype == res["xn"].dtype == torch.promote_types(inp["x"].dtype, inp["res"].dtype)
+    assert res["dx"].dtype == inp["x"].dtype and res["dres"].dtype == inp["res"].dtype
+    if "copy" in res:
+        assert res["copy"].dtype == torch.bfloat16
 
 
 def out_dtype_pair(modulate_layernorm, inp, device="cpu"):
@@ -230,6 +295,29 @@ def test_reference_copy_is_the_cast():
     assert xc is xn
 
 
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("copy", [False, True])
+def test_add_layernorm_pool_on_cpu(scale, copy):
+    """The CPU path (residual_add, then layernorm_pool) vs float64, float32 stream and bf16 residual."""
+    inp = make_add_inputs(2, 13, 24, r_dtype=torch.bfloat16, scale=scale)
+    res = run_add(M.add_layernorm_pool, inp, copy)
+    compare_add(res, hand64_add(inp, copy), 1e-5, 1e-4, f"cpu add_layernorm_pool scale={scale} copy={copy}")
+    check_add_dtypes(res, inp)
+
+
+def test_add_layernorm_pool_argument_errors():
+    inp = make_add_inputs(2, 5, 8)
+    x, r, w, b = (inp[n] for n in ("x", "res", "weight", "bias"))
+    with pytest.raises(ValueError, match="add_layernorm_pool: residual has shape"):
+        M.add_layernorm_pool(x, r[:, :3], w, b, EPS)
+    with pytest.raises(ValueError, match=r"add_layernorm_pool: residual_scale must be \(2,\)"):
+        M.add_layernorm_pool(x, r, w, b, EPS, residual_scale=torch.ones(3))
+    with pytest.raises(ValueError, match=r"add_layernorm_pool: x must be \(B, L, C\)"):
+        M.add_layernorm_pool(x[0], r[0], w, b, EPS)
+    with pytest.raises(ValueError, match="add_layernorm_pool: weight must have shape"):
+        M.add_layernorm_pool(x, r, w[:3], b, EPS)
+
+
 def test_argument_errors():
     inp = make_inputs(2, 5, 8)
     x, w, b, y, s, k = (inp[n] for n in ("x", "weight", "bias", "y", "s", "skip"))
@@ -307,9 +395,30 @@ def _interpret_checks():
         inp = make_inputs(3, 29, 20)
         compare(run_chain(M.layernorm_pool_fused, M.modulate_layernorm_fused, inp), hand64(inp), 1e-5, 1e-4,
                 "interpreter small tiles")
+        inp = make_add_inputs(3, 29, 20, r_dtype=torch.bfloat16)
+        compare_add(run_add(M.add_layernorm_pool_fused, inp, True), hand64_add(inp, True), 1e-5, 1e-4,
+                    "interpreter add_layernorm_pool small tiles")
     finally:
         tm.CONFIG.update(saved)
-    print("interpreter checks passed:", len(INTERPRET_CASES) + 7)
+    # add_layernorm_pool: float32 / bf16 residuals, with and without DropPath factors and the bf16 copy, a
+    # bf16 stream (its sum rounded before the LayerNorm), and a gradient of y that nobody sends (None)
+    for (B, L, C), x_dt, r_dt, scale, copy in [((2, 9, 40), torch.float32, torch.float32, False, False),
+                                               ((3, 13, 348), torch.float32, torch.bfloat16, True, True),
+                                               ((2, 5, 24), torch.bfloat16, torch.bfloat16, True, False)]:
+        inp = make_add_inputs(B, L, C, x_dt, r_dt, scale)
+        res = run_add(M.add_layernorm_pool_fused, inp, copy)
+        tol = 1e-5 if x_dt == torch.float32 else 1e-2
+        compare_add(res, hand64_add(inp, copy), tol, 1e-4 if x_dt == torch.float32 else 1e-2,
+                    f"interpreter add_layernorm_pool {(B, L, C)} {x_dt} {r_dt} scale={scale} copy={copy}")
+        check_add_dtypes(res, inp)
+    inp = make_add_inputs(2, 7, 16)
+    p = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "res", "weight", "bias")}
+    y, xn, pooled = M.add_layernorm_pool_fused(p["x"], p["res"], p["weight"], p["bias"], EPS,
+                                               residual_scale=inp["scale"])
+    (xn * inp["g_xn"]).sum().backward()      # y unused: its gradient is None
+    ref = hand64_add({**inp, "g_y": torch.zeros_like(inp["g_y"]), "g_pooled": torch.zeros_like(inp["g_pooled"])})
+    assert rel_err(p["x"].grad, ref["dx"]) <= 1e-5 and rel_err(p["res"].grad, ref["dres"]) <= 1e-5
+    print("interpreter checks passed:", len(INTERPRET_CASES) + 12)
 
 
 def test_triton_interpreter_cpu():
@@ -401,6 +510,33 @@ def test_gpu_low_precision_results_are_the_rounded_ones(op, L, C):
         check_out_dtype_pair(*out_dtype_pair(M.modulate_layernorm, inp, device="cuda"), "compiled")
     else:
         check_copy_pair(*copy_pair(M.layernorm_pool, inp, device="cuda"), "compiled")
+
+
+# GroupMamba-B's stages at 224x224 (L, C), as the model runs add_layernorm_pool under bf16 autocast
+B_STAGES = [(3136, 96), (784, 192), (196, 424), (49, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L,C", B_STAGES)
+def test_gpu_add_layernorm_pool_model_dtypes(L, C):
+    """float32 stream, bf16 residual (the FFN output), DropPath factors, the bf16 copy for in_proj."""
+    inp = make_add_inputs(4, L, C, r_dtype=torch.bfloat16, device="cuda")
+    poison_cuda_cache()
+    res = run_add(M.add_layernorm_pool, inp, copy=True)
+    compare_add(res, hand64_add(inp, copy=True), 1e-5, 1e-4, f"gpu add_layernorm_pool {(L, C)}")
+    check_add_dtypes(res, inp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,L,C", [(2, 196, 348), (3, 1, 87 * 4), (2, 37, 20)])
+def test_gpu_add_layernorm_pool(B, L, C, dt):
+    inp = make_add_inputs(B, L, C, dt, dt, scale=B > 2, device="cuda")
+    poison_cuda_cache()
+    res = run_add(M.add_layernorm_pool, inp)
+    tol = 1e-5 if dt == torch.float32 else 1e-2
+    compare_add(res, hand64_add(inp), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu add_layernorm_pool {dt}")
+    check_add_dtypes(res, inp)
 
 
 @pytest.mark.gpu

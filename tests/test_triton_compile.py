@@ -21,6 +21,9 @@ POINTERS = {
     "_mod_ln_bwd": {"G", "Y", "XN", "S", "DY", "DXN"},
 }
 INTS = {"L", "CV", "T"}
+# the constexpr switches of the LayerNorm + pool kernels (all passed explicitly, as the launchers do)
+PLAIN = {"_ln_pool_fwd": dict(COPY=False, HAS_RES=False, HAS_SCALE=False),
+         "_ln_pool_bwd": dict(COPY=False, ADD_GY=False, HAS_RES=False, HAS_SCALE=False)}
 
 
 def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps, pointer_dtypes=None):
@@ -51,7 +54,7 @@ def test_kernel_compiles_for_sm90(name, L, C, act):
     kernel = getattr(tm, name)
     elems = tm.CONFIG["fwd_elems" if name.endswith("fwd") else "bwd_elems"]
     block_l, block_c, _, num_warps = tm._tiles(L, C, elems, backward=name.endswith("bwd"))
-    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1]}
+    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1], **PLAIN.get(name, {})}
     scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
     compiled = compile_sm90(kernel, consts, scalars, POINTERS[name], act, num_warps)
     assert len(compiled.asm["cubin"]) > 0
@@ -73,11 +76,31 @@ MIXER_DTYPES = {
 def test_modulation_kernels_compile_with_the_mixers_dtypes(name, L, C):
     kernel = getattr(tm, name)
     block_l, block_c, _, num_warps = tm._tiles(L, C, None, backward=name.endswith("bwd"))
-    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1]}
+    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1], **PLAIN.get(name, {})}
     if "COPY" in kernel.arg_names:
         consts["COPY"] = True
     scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
     compiled = compile_sm90(kernel, consts, scalars, (), "*fp32", num_warps, MIXER_DTYPES[name])
+    assert len(compiled.asm["cubin"]) > 0
+
+
+# add_layernorm_pool as the model runs it under bf16 autocast: float32 stream and sum, bf16 residual (the FFN
+# output) and its gradient, the bf16 copy of xn for in_proj and its gradient, DropPath factors
+ADD_POOL_DTYPES = {
+    "_ln_pool_fwd": {"RES": "*bf16", "XN2": "*bf16"},
+    "_ln_pool_bwd": {"GXN2": "*bf16", "DRES": "*bf16"},
+}
+
+
+@pytest.mark.parametrize("L,C", [(3136, 96), (196, 424)])
+@pytest.mark.parametrize("name", sorted(ADD_POOL_DTYPES))
+def test_add_layernorm_pool_kernels_compile_for_sm90(name, L, C):
+    kernel = getattr(tm, name)
+    block_l, block_c, _, num_warps = tm._tiles(L, C, None, backward=name.endswith("bwd"))
+    consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1],
+              **{k: True for k in PLAIN[name]}}
+    scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
+    compiled = compile_sm90(kernel, consts, scalars, (), "*fp32", num_warps, ADD_POOL_DTYPES[name])
     assert len(compiled.asm["cubin"]) > 0
 
 

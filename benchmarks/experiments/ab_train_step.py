@@ -23,6 +23,8 @@ AB_ADDNORM the block's first residual add and norm2 as one op (ops.add_layer_nor
           then norm2, as before)
 AB_RESADD the block's second residual add with ops.residual_add (0: torch's add, its unvectorized float32 +
           bfloat16 kernel)
+AB_CHAIN  each block's second residual add done by the next block's mixer (ops.add_layernorm_pool; 0: by
+          ops.residual_add, then the mixer's layernorm_pool, as before)
 AB_MIDSUM the modulation's per-image partials and column_sum's partial rows summed by
           triton_colsum.sum_middle (0: torch's sums)
 AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
@@ -38,7 +40,7 @@ AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
 after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set; AB_ADDNORM and
-AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM: twelfth set (and AB_INBIAS,
+AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM, AB_CHAIN: twelfth set (and AB_INBIAS,
 in experiments/dwconv_in_bias.patch).
 """
 import contextlib
@@ -72,6 +74,11 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
         return (n // 16, 16) if n % 16 == 0 else (n, 1)
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
+if os.environ.get("AB_CHAIN", "1") == "0":
+    def _add_then_forward(self, x, residual, scale, H, W):
+        y = mixer.residual_add(x, residual, scale)
+        return y, self.forward(y, H, W)
+    mixer.GroupMambaLayer.forward_add = _add_then_forward
 if os.environ.get("AB_MIDSUM", "1") == "0":
     import groupmamba.ops.triton_colsum as _colsum  # noqa: E402
     import groupmamba.ops.triton_modulation as _modulation  # noqa: E402

@@ -1,10 +1,10 @@
 """Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm, the residual add + LayerNorm and the residual add, the depthwise conv + activation, a
+(gated) LayerNorm, the residual add + LayerNorm (also with the modulation's pooling) and the residual add, the depthwise conv + activation, a
 Linear with padded GEMMs and the stem's BatchNorm + ReLU."""
 from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import linear
-from .modulation import layernorm_pool, modulate_layernorm
+from .modulation import add_layernorm_pool, layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
 from .norm import add_layer_norm, group_layer_norm
 from .reference import GROUPS, grouped_scan_reference, scan_order
@@ -16,6 +16,7 @@ register_native_ops()
 __all__ = [
     "GROUPS",
     "add_layer_norm",
+    "add_layernorm_pool",
     "bn_relu",
     "check_scan_inputs",
     "dwconv_act",

@@ -5,6 +5,10 @@
     out = LayerNorm(y_all * skip_scale * xn * s[:, None, :])   same LayerNorm weights as xn
 
 Two ops carry the bytes: layernorm_pool (xn and its token mean) and modulate_layernorm.
+add_layernorm_pool(x, residual, ...) is layernorm_pool of y = x + residual [* residual_scale] and returns
+y too: the previous block's second residual add done in the next block's first LayerNorm pass (forward:
+one pass instead of two; backward: y's two gradients are added, and the residual's gradient scaled and
+cast, in the LayerNorm's backward pass instead of two more passes).
 
 Backends
 --------
@@ -30,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
+from .residual import check_residual, residual_add, residual_add_reference
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_C = 8192  # a whole row lives in registers; wider rows take the reference
@@ -64,6 +69,12 @@ def layernorm_pool_reference(x, weight, bias, eps: float):
     """Returns (xn, pooled): xn = LayerNorm(x) over the last dim, pooled = xn.mean(dim=1). x: (B, L, C)."""
     xn = _layer_norm(x, weight, bias, eps).to(x.dtype)
     return xn, xn.mean(dim=1)
+
+
+def add_layernorm_pool_reference(x, residual, weight, bias, eps: float, residual_scale=None):
+    """Returns (y, xn, pooled) with y = x + residual [* residual_scale[b]] and (xn, pooled) = layernorm_pool(y)."""
+    y = residual_add_reference(x, residual, residual_scale)
+    return (y, *layernorm_pool_reference(y, weight, bias, eps))
 
 
 def _out_dtype(y_all, xn, out_dtype):
@@ -104,8 +115,7 @@ def _check_out_dtype(op, name, dt):
         raise TypeError(f"{op}: {name} must be a floating-point torch.dtype or None, got {dt!r}")
 
 
-def _check_layernorm_pool(x, weight, bias, copy_dtype=None):
-    op = "layernorm_pool"
+def _check_layernorm_pool(x, weight, bias, copy_dtype=None, op="layernorm_pool"):
     _check_out_dtype(op, "copy_dtype", copy_dtype)
     _check_tensor(op, "x", x)
     if x.dim() != 3:
@@ -163,6 +173,38 @@ def layernorm_pool(x, weight, bias, eps: float, copy_dtype=None):
         return _tm.layernorm_pool_triton(x.contiguous(), weight.contiguous(), bias.contiguous(), eps, copy_dtype)
     xn, pooled = layernorm_pool_reference(x, weight, bias, eps)
     return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))
+
+
+def add_layernorm_pool(x, residual, weight, bias, eps: float, residual_scale=None, copy_dtype=None):
+    """Returns (y, xn, pooled) with y = x + residual [* residual_scale[b]] in promote_types(x, residual) and
+    (xn, pooled) = layernorm_pool(y); with copy_dtype also xn in that dtype (see layernorm_pool).
+    residual: x's shape; residual_scale: None or (B,) (DropPath's per-sample factors). On CUDA one fused pass
+    each way (see the module docstring); elsewhere, and under torch.compile, residual_add then layernorm_pool."""
+    op = "add_layernorm_pool"
+    _check_layernorm_pool(x, weight, bias, copy_dtype, op)
+    check_residual(op, x, residual, residual_scale)
+    y_dtype = torch.promote_types(x.dtype, residual.dtype)
+    if (_use_fused((x, residual), (weight, bias)) and not torch.compiler.is_compiling() and y_dtype in _FUSED_DTYPES
+            and copy_dtype in (None, *_FUSED_DTYPES) and copy_dtype != y_dtype):
+        scale = None if residual_scale is None else residual_scale.float().contiguous()
+        return _tm.add_layernorm_pool_triton(x.contiguous(), residual.contiguous(), scale, weight.contiguous(),
+                                             bias.contiguous(), eps, copy_dtype)
+    y = residual_add(x, residual, residual_scale)
+    return (y, *layernorm_pool(y, weight, bias, eps, copy_dtype))
+
+
+def add_layernorm_pool_fused(x, residual, weight, bias, eps: float, residual_scale=None, copy_dtype=None):
+    """The Triton path whatever the device (CPU tensors need TRITON_INTERPRET=1); for tests."""
+    if _tm is None:
+        raise RuntimeError(f"add_layernorm_pool: Triton kernels unavailable ({_TRITON_ERROR})")
+    op = "add_layernorm_pool"
+    _check_layernorm_pool(x, weight, bias, copy_dtype, op)
+    check_residual(op, x, residual, residual_scale)
+    if weight is None or bias is None:
+        raise ValueError(f"{op}: the fused kernel needs weight and bias tensors")
+    scale = None if residual_scale is None else residual_scale.float().contiguous()
+    return _tm.add_layernorm_pool_triton(x.contiguous(), residual.contiguous(), scale, weight.contiguous(),
+                                         bias.contiguous(), eps, copy_dtype)
 
 
 def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):

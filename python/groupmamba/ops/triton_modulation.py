@@ -4,9 +4,10 @@ Layout: x, y_all, xn are (B, L, C) made contiguous, viewed as B*L rows of C. Eve
 program per (b, tile of BLOCK_L rows of batch b) and holds the whole row (BLOCK_C >= C) in registers,
 so each tensor is read once and written once:
 
-    _ln_pool_fwd   x -> xn [, xn in a second dtype], mean, rstd (fp32 per row), per-tile column sums of xn
-                   -> pooled
-    _ln_pool_bwd   x, dxn [, the second copy's gradient], dpooled -> dx, per-tile partials of dweight / dbias
+    _ln_pool_fwd   x [+ residual * scale[b] -> y] -> xn [, xn in a second dtype], mean, rstd (fp32 per row),
+                   per-tile column sums of xn -> pooled
+    _ln_pool_bwd   x (y), dxn [, the second copy's gradient], dpooled [, dy] -> dx [, dresidual], per-tile
+                   partials of dweight / dbias
     _mod_ln_fwd    y, xn, s, skip -> out, mean, rstd of z = y*skip*xn*s
     _mod_ln_bwd    dout, y, xn, s, skip -> dy, dxn, per-tile partials of ds (and dskip), dweight, dbias
 
@@ -90,14 +91,24 @@ def _layer_norm_rows_bwd(dhat, hat, rstd, C):
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
-def _ln_pool_fwd(X, W, Bias, XN, XN2, MEAN, RSTD, PART, L, CV, T, eps,
-                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr = False):
+def _ln_pool_fwd(X, RES, SCALE, Y, W, Bias, XN, XN2, MEAN, RSTD, PART, L, CV, T, eps,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr,
+                 HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr):
     """xn = LayerNorm(x) stored to XN and, with COPY, also to XN2 in XN2's dtype (both rounded from the
-    same float32 value); the per-row statistics; this tile's column sums of xn (for the pooled mean)."""
+    same float32 value); the per-row statistics; this tile's column sums of xn (for the pooled mean).
+    HAS_RES: first y = x + RES [* SCALE[b]] (float32 sum, stored to Y in Y's dtype), and xn = LayerNorm(y
+    as stored), which is what the backward, reading Y, recomputes from."""
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
     b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            r = r * tl.load(SCALE + b)
+        y = (x + r).to(Y.dtype.element_ty)
+        tl.store(Y + offs, y, mask=mask)
+        x = y.to(tl.float32)
     xn, mean, rstd = _layer_norm_rows(x, mask, cols, cmask, W, Bias, C, eps)
     xn = tl.where(mask, xn, 0.0)
     tl.store(XN + offs, xn.to(XN.dtype.element_ty), mask=mask)
@@ -109,10 +120,13 @@ def _ln_pool_fwd(X, W, Bias, XN, XN2, MEAN, RSTD, PART, L, CV, T, eps,
 
 
 @triton.jit(do_not_specialize=["L", "CV", "T"])
-def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GXN2, GP, DX, DWP, DBP, L, CV, T, inv_L,
-                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr = False):
+def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GXN2, GP, GY, SCALE, DX, DRES, DWP, DBP, L, CV, T, inv_L,
+                 BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, COPY: tl.constexpr,
+                 ADD_GY: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr):
     """dx from the gradients of xn, of the pooled mean and, with COPY, of the copy of xn (GXN2: added to
-    GXN's in float32 first, as autograd would have summed the two)."""
+    GXN's in float32 first, as autograd would have summed the two). X is the LayerNorm's input (y under
+    the forward's HAS_RES). ADD_GY: dx also gets GY, the gradient of y from its other consumers (the
+    block's residual stream). HAS_RES: DRES = dx [* SCALE[b]] in DRES's dtype, the residual's gradient."""
     C = CV * VEC  # C // VEC passed at run time: tells the compiler C is a multiple of VEC
     pid = tl.program_id(0)
     b, cols, rmask, cmask, mask, row, offs = _row_tile(pid, L, C, T, BLOCK_L, BLOCK_C)
@@ -129,7 +143,13 @@ def _ln_pool_bwd(X, W, MEAN, RSTD, GXN, GXN2, GP, DX, DWP, DBP, L, CV, T, inv_L,
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     dxhat = g * w[None, :]
     dx = _layer_norm_rows_bwd(dxhat, xhat, rstd, C)
+    if ADD_GY:
+        dx = dx + tl.load(GY + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_RES:
+        if HAS_SCALE:
+            dx = dx * tl.load(SCALE + b)
+        tl.store(DRES + offs, dx.to(DRES.dtype.element_ty), mask=mask)
     poffs = pid.to(tl.int64) * (2 * C) + cols     # DWP / DBP: the halves of one (programs, 2C) buffer
     tl.store(DWP + poffs, tl.sum(g * xhat, axis=0), mask=cmask)
     tl.store(DBP + poffs, tl.sum(g, axis=0), mask=cmask)
@@ -182,33 +202,46 @@ def _mod_ln_bwd(G, Y, XN, S, SKIP, W, MEAN, RSTD, DY, DXN, QP, DWP, DBP, L, CV, 
 # launch + reduce (inputs already validated and contiguous; see modulation.py). `wrap` is
 # torch.library.wrap_triton inside the triton_ops (traceable) and the identity in the eager path.
 # ----------------------------------------------------------------------------------------------
-def _ln_pool_fwd_impl(x, weight, bias, eps, wrap, copy_dtype=None):
-    """(xn, pooled, stats), and xn in copy_dtype from the same pass when copy_dtype is given."""
+def _ln_pool_fwd_impl(x, weight, bias, eps, wrap, copy_dtype=None, residual=None, scale=None):
+    """(xn, pooled, stats), and xn in copy_dtype from the same pass when copy_dtype is given. With a residual
+    (and its per-sample scale): (y = x + residual [* scale], xn, pooled, stats[, copy]), xn = LayerNorm(y)."""
     B, L, C = x.shape
     bl, bc, T, nw = _tiles(L, C, CONFIG["fwd_elems"])
-    xn = torch.empty_like(x)
-    xn2 = xn if copy_dtype is None else torch.empty_like(x, dtype=copy_dtype)
+    y = x if residual is None else torch.empty_like(x, dtype=torch.promote_types(x.dtype, residual.dtype))
+    xn = torch.empty_like(y)
+    xn2 = xn if copy_dtype is None else torch.empty_like(y, dtype=copy_dtype)
     stats = torch.empty((2, B, L), device=x.device, dtype=torch.float32)   # mean, rstd
     part = torch.empty((B, T, C), device=x.device, dtype=torch.float32)
     cv, vec = channel_split(C)
+    # the pointers a variant does not read are placeholders (every argument is passed: torch.compile's
+    # wrapper for Triton kernels does not fill in defaults)
     wrap(_ln_pool_fwd)[(B * T,)](
-        x, weight, bias, xn, xn2, stats[0], stats[1], part, L, cv, T, eps,
-        BLOCK_L=bl, BLOCK_C=bc, VEC=vec, COPY=copy_dtype is not None, num_warps=nw)
-    pooled = _sum_tiles(part, wrap).mul_(1.0 / L).to(x.dtype)
-    return (xn, pooled, stats) if copy_dtype is None else (xn, pooled, stats, xn2)
+        x, x if residual is None else residual, stats if scale is None else scale, y, weight, bias, xn, xn2,
+        stats[0], stats[1], part, L, cv, T, eps, BLOCK_L=bl, BLOCK_C=bc, VEC=vec, COPY=copy_dtype is not None,
+        HAS_RES=residual is not None, HAS_SCALE=scale is not None, num_warps=nw)
+    pooled = _sum_tiles(part, wrap).mul_(1.0 / L).to(y.dtype)
+    out = (xn, pooled, stats) if copy_dtype is None else (xn, pooled, stats, xn2)
+    return out if residual is None else (y,) + out
 
 
-def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap, grad_copy=None):
+def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap, grad_copy=None, grad_y=None, scale=None,
+                      dx_dtype=None, res_dtype=None):
+    """(dx, (2, C) dweight / dbias) of the LayerNorm of x (y with a residual); grad_y: y's gradient from its
+    other consumers, added to dx; res_dtype (the forward had a residual): (dx, dresidual, dweight / dbias)
+    with dresidual = dx [* scale] in res_dtype; dx_dtype: dx's dtype (default x's)."""
     B, L, C = x.shape
     bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x, dtype=dx_dtype or x.dtype)
+    dres = dx if res_dtype is None else torch.empty_like(x, dtype=res_dtype)
     wpart = torch.empty((B * T, 2 * C), device=x.device, dtype=torch.float32)   # [dweight | dbias] partials
     cv, vec = channel_split(C)
     wrap(_ln_pool_bwd)[(B * T,)](
-        x, weight, stats[0], stats[1], grad_xn, grad_xn if grad_copy is None else grad_copy, grad_pooled, dx,
-        wpart, wpart[:, C:], L, cv, T, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc, VEC=vec,
-        COPY=grad_copy is not None, num_warps=nw)
-    return dx, _sum_partials(wpart, wrap).to(weight.dtype)          # (2, C): dweight, dbias
+        x, weight, stats[0], stats[1], grad_xn, grad_xn if grad_copy is None else grad_copy, grad_pooled,
+        grad_xn if grad_y is None else grad_y, stats if scale is None else scale, dx, dres, wpart, wpart[:, C:],
+        L, cv, T, 1.0 / L, BLOCK_L=bl, BLOCK_C=bc, VEC=vec, COPY=grad_copy is not None, ADD_GY=grad_y is not None,
+        HAS_RES=res_dtype is not None, HAS_SCALE=scale is not None, num_warps=nw)
+    dwb = _sum_partials(wpart, wrap).to(weight.dtype)          # (2, C): dweight, dbias
+    return (dx, dwb) if res_dtype is None else (dx, dres, dwb)
 
 
 def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, wrap):
@@ -343,6 +376,29 @@ class _LayerNormPool(torch.autograd.Function):
         return dx, dwb[0], dwb[1], None, None
 
 
+class _AddLayerNormPool(torch.autograd.Function):
+    """(y = x + residual [* scale], xn, pooled[, copy]) with xn = LayerNorm(y): a block's pending residual add
+    done by the next block's first LayerNorm pass (ops.add_layernorm_pool). Backward: one pass gives y's
+    total gradient (its other consumers' plus the LayerNorm's) as x's gradient, and scaled in the
+    residual's dtype as the residual's: no separate add of the two gradients, and no cast."""
+
+    @staticmethod
+    def forward(ctx, x, residual, scale, weight, bias, eps, copy_dtype):
+        y, xn, pooled, stats, *copy = _ln_pool_fwd_impl(x, weight, bias, eps, _identity, copy_dtype, residual, scale)
+        ctx.save_for_backward(y, weight, stats, scale)
+        ctx.dtypes = (x.dtype, residual.dtype)
+        return (y, xn, pooled, *copy)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_xn, grad_pooled, grad_copy=None):
+        y, weight, stats, scale = ctx.saved_tensors
+        grad_xn, grad_pooled = _ln_pool_grads(y, grad_xn, grad_pooled)
+        contig = lambda t: None if t is None else t.contiguous()  # noqa: E731
+        dx, dres, dwb = _ln_pool_bwd_impl(grad_xn, grad_pooled, y, weight, stats, _identity, contig(grad_copy),
+                                          contig(grad_y), scale, *ctx.dtypes)
+        return dx, dres, None, dwb[0], dwb[1], None, None
+
+
 class _ModulateLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):
@@ -364,6 +420,12 @@ def layernorm_pool_triton(x, weight, bias, eps, copy_dtype=None):
         xn, pooled, _stats = ln_pool_fwd(x, weight, bias, float(eps))
         return (xn, pooled) if copy_dtype is None else (xn, pooled, xn.to(copy_dtype))   # compile fuses the cast
     return _LayerNormPool.apply(x, weight, bias, float(eps), copy_dtype)
+
+
+def add_layernorm_pool_triton(x, residual, scale, weight, bias, eps, copy_dtype=None):
+    """(y, xn, pooled), plus xn in copy_dtype when that is given; eager only (no torch.library op: under
+    torch.compile ops.add_layernorm_pool runs residual_add and layernorm_pool instead)."""
+    return _AddLayerNormPool.apply(x, residual, scale, weight, bias, float(eps), copy_dtype)
 
 
 def modulate_layernorm_triton(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype):
