@@ -12,7 +12,8 @@ so each tensor is read once and written once:
     _mod_ln_bwd    dout, y, xn, s, skip -> dy, dxn, per-tile partials of ds (and dskip), dweight, dbias
 
 z and the normalized values are recomputed in the backward from the saved mean/rstd. Per-tile partial
-sums (fp32, one row of C per program) are reduced by a tiny torch sum: deterministic, no atomics.
+sums (fp32, one row of C per program) are reduced afterwards in a fixed order (eagerly by triton_colsum's
+sum_middle / column_sum, under torch.compile by torch sums): deterministic, no atomics.
 All arithmetic is fp32 whatever the input dtype; outputs take the activation dtype.
 
 Under torch.compile the ops are `torch.library.triton_op`s with `register_autograd` (traceable); in
