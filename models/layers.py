@@ -134,7 +134,12 @@ class ConvFFN(nn.Module):
     The recompute keeps the conv's pre-activation (ops.keep_preactivation), which the conv's backward
     would otherwise recompute once more, and inside a CUDA graph capture skips fc2's GEMM (its output is
     not needed, only its saved input; fast_linear.outputs_unused).
+    fused (and fc1_bias_grad_from_conv): fc1 adds its bias detached, and the conv returns the bias's
+    gradient (ops.dwconv_act's x_bias: the sum of the conv's input gradient, from the image edges), so
+    fc1's backward has no bias column sum over the hidden-width gradient.
     """
+
+    fc1_bias_grad_from_conv = True   # class-wide switch, for A/B runs (benchmarks/experiments/ab_train_step.py)
 
     def __init__(self, dim: int, hidden_dim: int, recompute: bool = True):
         super().__init__()
@@ -146,7 +151,8 @@ class ConvFFN(nn.Module):
         self.fused = True  # dwconv + bias + GELU in one kernel (ops.dwconv_act); set by GroupMamba.set_fused
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        h = self.fc1(x)
+        fc1 = self.fc1
+        h = linear(x, fc1.weight, fc1.bias.detach()) if self._bias_grad_from_conv() else fc1(x)
         if self.recompute and h.requires_grad and torch.is_grad_enabled():
             # no RNG in the tail, so no RNG state to stash (that would also break CUDA-graph capture).
             # Under torch.compile the conv is torch's own (nothing to keep), and compile accepts only
@@ -157,10 +163,14 @@ class ConvFFN(nn.Module):
                               context_fn=_recompute_context)
         return self._tail(h, H, W)
 
+    def _bias_grad_from_conv(self) -> bool:
+        return self.fused and self.fc1_bias_grad_from_conv and self.fc1.bias is not None
+
     def _tail(self, h: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if self.fused:
             conv = self.dwconv.dwconv
-            h = dwconv_act(h.unflatten(1, (H, W)), conv.weight, conv.bias, "gelu").flatten(1, 2)
+            x_bias = self.fc1.bias if self._bias_grad_from_conv() else None
+            h = dwconv_act(h.unflatten(1, (H, W)), conv.weight, conv.bias, "gelu", x_bias=x_bias).flatten(1, 2)
             return self.fc2(h)
         return self.fc2(self.act(self.dwconv(h, H, W)))
 

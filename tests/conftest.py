@@ -77,8 +77,8 @@ def run_triton_interpreter(test_file: str) -> None:
 
 def compare_outputs(res: dict, ref: dict, tol: float, tol_wb: float, what: str) -> None:
     """Every entry of ref (outputs and gradients) against res: relative error <= tol, or <= tol_wb for
-    the weight / bias gradients (sums over many rows), and the same shapes."""
-    errs = {k: (rel_err(res[k], ref[k]), tol_wb if k in ("dweight", "dbias") else tol) for k in ref}
+    the weight / bias gradients (sums over many rows; dx_bias: dwconv_act's x_bias), and the same shapes."""
+    errs = {k: (rel_err(res[k], ref[k]), tol_wb if k in ("dweight", "dbias", "dx_bias") else tol) for k in ref}
     bad = {k: e for k, (e, t) in errs.items() if not e <= t}
     assert not bad, f"{what}: over tolerance {bad} (all: { {k: e for k, (e, _) in errs.items()} })"
     for k in ref:

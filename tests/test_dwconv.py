@@ -1,15 +1,17 @@
 """dwconv_act: depthwise 3x3 conv + bias + activation on (B, H, W, C) tokens.
 
 * CPU (always): the reference vs a float64 hand computation (explicit 3x3 stencil with zero padding),
-  forward and gradients of x, weight, bias; argument errors.
+  forward and gradients of x, weight, bias (and of x_bias: a bias already inside x, whose gradient the op
+  returns); argument errors.
 * Triton interpreter (always, when Triton is importable): the forward kernel and the Triton backward
   (weight-gradient pass + dx pass) at several tile sizes and program counts, and the cuDNN-backward
   variants (recompute + aten.convolution_backward), on CPU tensors with TRITON_INTERPRET=1, in a
   subprocess; the number and kind of conv passes per weight-gradient method with and without an
   activation checkpoint (ConvFFN's recompute; bit-identical to the plain call with the same method);
-  empty inputs.
+  empty inputs; x_bias's gradient (from the image edges of g) with every weight-gradient method, at image
+  sizes down to one row and one column.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
-  1392), fp32 / bf16 / fp16, outputs poisoned first; under bf16 autocast.
+  1392), fp32 / bf16 / fp16, outputs poisoned first; x_bias at the FFN shapes; under bf16 autocast.
 * The kernels' activations (ops/triton_act.py: GELU, SiLU and their derivatives in few instructions)
   against float64 on a dense grid over [-12, 12] plus +-inf and NaN, in the interpreter (the formulas) and
   on the GPU (the approximate PTX instructions).
@@ -37,17 +39,27 @@ from groupmamba.ops import dwconv as D
 ACTS = ("silu", "gelu", "none")
 
 
-def make(B, H, W, C, dtype=torch.float32, device="cpu"):
+def make(B, H, W, C, dtype=torch.float32, device="cpu", x_bias=False):
+    """Random inputs; x_bias: also a bias inside x (as large as x)."""
     g = torch.Generator().manual_seed(torch.seed())
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
     pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    return dict(x=r(B, H, W, C).to(dtype).to(device), weight=(0.4 * r(C, 1, 3, 3)).to(pdt).to(device),
-                bias=(0.2 * r(C)).to(pdt).to(device), g=r(B, H, W, C).to(dtype).to(device))
+    inp = dict(x=r(B, H, W, C).to(dtype).to(device), weight=(0.4 * r(C, 1, 3, 3)).to(pdt).to(device),
+               bias=(0.2 * r(C)).to(pdt).to(device), g=r(B, H, W, C).to(dtype).to(device))
+    if x_bias:
+        inp["x_bias"] = r(C).to(pdt).to(device)
+    return inp
 
 
 def run(fn, inp, act):
-    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias")}
-    out = fn(leaves["x"], leaves["weight"], leaves["bias"], act)
+    """fn's output and gradients. With an x_bias: fn gets x + x_bias (x_bias added without a gradient, as
+    ConvFFN's fc1 adds it) and x_bias itself, whose gradient must be the sum of x's."""
+    leaves = {k: inp[k].detach().clone().requires_grad_() for k in ("x", "weight", "bias", "x_bias") if k in inp}
+    x, kw = leaves["x"], {}
+    if "x_bias" in leaves:
+        x = (x + leaves["x_bias"].detach()).to(x.dtype)
+        kw["x_bias"] = leaves["x_bias"]
+    out = fn(x, leaves["weight"], leaves["bias"], act, **kw)
     (out.double() * inp["g"].double()).sum().backward()
     return dict(out=out, **{"d" + k: v.grad for k, v in leaves.items()})
 
@@ -56,6 +68,8 @@ def hand64(inp, act):
     d = {k: v.detach().double().cpu().requires_grad_() for k, v in inp.items()}
     x, w, b = d["x"], d["weight"], d["bias"]
     B, H, W, C = x.shape
+    if "x_bias" in d:
+        x = x + d["x_bias"]
     xp = F.pad(x, (0, 0, 1, 1, 1, 1))   # zero padding of H and W
     y = b.expand(B, H, W, C).clone()
     for i in range(3):
@@ -66,14 +80,20 @@ def hand64(inp, act):
     elif act == "gelu":
         y = 0.5 * y * (1 + torch.erf(y / 2 ** 0.5))
     (y * d["g"]).sum().backward()
-    return dict(out=y, dx=x.grad, dweight=w.grad, dbias=b.grad)
+    res = dict(out=y, dx=d["x"].grad, dweight=w.grad, dbias=b.grad)
+    if "x_bias" in d:
+        res["dx_bias"] = d["x_bias"].grad
+    return res
 
 
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 8), (1, 1, 1, 4), (2, 3, 2, 6)])
 def test_reference_matches_hand(shape, act):
-    inp = make(*shape, dtype=torch.float64)
-    compare(run(D.dwconv_act, inp, act), hand64(inp, act), 1e-12, 1e-12, f"reference {shape} {act}")
+    for x_bias in (False, True):
+        inp = make(*shape, dtype=torch.float64, x_bias=x_bias)
+        res = run(D.dwconv_act, inp, act)
+        assert ("dx_bias" in res) == x_bias
+        compare(res, hand64(inp, act), 1e-12, 1e-12, f"reference {shape} {act} x_bias={x_bias}")
 
 
 def test_argument_errors():
@@ -89,6 +109,10 @@ def test_argument_errors():
         D.dwconv_act(x, w, b[:3], "silu")
     with pytest.raises(TypeError, match="floating point"):
         D.dwconv_act(x.long(), w, b, "silu")
+    with pytest.raises(ValueError, match=r"x_bias must have shape \(8,\)"):
+        D.dwconv_act(x, w, b, "gelu", x_bias=b[:3])
+    with pytest.raises(TypeError, match="x_bias must be floating point"):
+        D.dwconv_act(x, w, b, "gelu", x_bias=b.long())
 
 
 class _FakeCtx:
@@ -98,6 +122,7 @@ class _FakeCtx:
         x, w, b = inp["x"], inp["weight"], inp["bias"]
         self.saved_tensors = (x, w, D._td._taps(w), b, x)
         self.act = "silu"
+        self.x_bias_dtype = None
         self.needs_input_grad = (True, True, True, False)
 
 
@@ -133,23 +158,41 @@ def _interpret_checks():
         td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_programs=programs)
         inp = make(3, 7, 5, 40)
         compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter {programs} programs")
+    for shape, act, (bh, bc) in INTERPRET_CASES[:4]:     # x_bias: its gradient from the image edges of g
+        td.CONFIG.update(defaults, block_h=bh, block_c=bc)
+        inp = make(*shape, x_bias=True)
+        compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter x_bias {shape} {act}")
+    td.CONFIG.update(defaults, wgrad_programs=3)
+    saved_edge = td.EDGE_PROGRAMS
+    td.EDGE_PROGRAMS = 2         # several images per edge-sum program
+    for shape in ((5, 1, 7, 16), (3, 6, 1, 8), (4, 2, 2, 40), (5, 9, 4, 24)):   # one row, one column, 2 x 2
+        inp = make(*shape, x_bias=True)
+        compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter x_bias {shape}")
+    td.EDGE_PROGRAMS = saved_edge
     td.CONFIG.update(defaults)
     inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
     res = run(D.dwconv_act_fused, inp, "gelu")
     compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")
     assert res["out"].dtype == res["dx"].dtype == torch.bfloat16 and res["dweight"].dtype == torch.float32
+    inp = make(2, 5, 5, 24, dtype=torch.bfloat16, x_bias=True)
+    res = run(D.dwconv_act_fused, inp, "gelu")
+    compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16 x_bias")
+    assert res["dx_bias"].dtype == torch.float32
     _check_conv_passes(td)
+    _check_conv_passes(td, x_bias=True)
     _check_act_backward_and_bias_grad()
     check_activations("cpu")
     for method in ("split", "cudnn"):   # the other weight-gradient methods, with dx from aten (cuDNN) too
         td.CONFIG.update(defaults, wgrad=method, triton_dgrad=False)
         for act in ("silu", "none"):
-            inp = make(2, 5, 7, 16)
-            compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {method} {act}")
+            for x_bias in (False, True):
+                inp = make(2, 5, 7, 16, x_bias=x_bias)
+                compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4,
+                        f"interpreter {method} {act} x_bias={x_bias}")
     for method in ("fused", "split", "cudnn"):   # empty batch: empty / zero gradients, nothing launched
         td.CONFIG.update(defaults, wgrad=method)
         for act in ("gelu", "none"):
-            inp = make(0, 4, 5, 8)
+            inp = make(0, 4, 5, 8, x_bias=method == "fused")
             compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 0, 0, f"interpreter empty {method} {act}")
     td.CONFIG.update(defaults, wgrad="cudnn", fused_act_bwd=False)  # torch's derivative + column_sum
     for act in ("silu", "gelu"):
@@ -221,14 +264,14 @@ def _check_act_backward_and_bias_grad():
         tc.CONFIG.update(saved)
 
 
-def _check_conv_passes(td, device="cpu", dtype=torch.float32):
+def _check_conv_passes(td, device="cpu", dtype=torch.float32, x_bias=False):
     """How many conv passes a GELU conv's forward + backward makes with each weight-gradient method, with
     and without an activation checkpoint whose recompute keeps the pre-activation (as ConvFFN runs it),
     and that both give the float64 results.
     Without the checkpoint (CONFIG["wgrad"]): the forward, a recompute of the pre-activation (not with
     "fused", whose weight-gradient pass recomputes it itself), the dx pass. With it (CONFIG["wgrad_kept"]:
     "split" or "cudnn"): the forward, the recompute that keeps the pre-activation, the dx pass. With the
-    same method both ways the results are bit-identical.
+    same method both ways the results are bit-identical. x_bias: the same passes.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -242,7 +285,7 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32):
     ctx = lambda: (contextlib.nullcontext(), D.keep_preactivation())  # noqa: E731
     fwd, recompute, kept, dx_pass = (False, False), (False, False), (True, False), (False, True)
     wgrad = {"fused": [("wgrad", "gelu")], "split": [("wgrad", "none")], "cudnn": []}
-    inp = make(2, 6, 5, 24, dtype=dtype, device=device)
+    inp = make(2, 6, 5, 24, dtype=dtype, device=device, x_bias=x_bias)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     try:
         for method, method_kept in (("fused", "split"), ("split", "split"), ("cudnn", "cudnn")):
@@ -252,7 +295,7 @@ def _check_conv_passes(td, device="cpu", dtype=torch.float32):
             passes = [fwd] + ([] if method == "fused" else [recompute]) + wgrad[method] + [dx_pass]
             assert calls == passes, (method, calls)
             calls.clear()
-            ckpt = run(lambda *a: checkpoint(D.dwconv_act_fused, *a, use_reentrant=False, context_fn=ctx),
+            ckpt = run(lambda *a, **k: checkpoint(D.dwconv_act_fused, *a, **k, use_reentrant=False, context_fn=ctx),
                        inp, "gelu")
             assert calls == [fwd, kept] + wgrad[method_kept] + [dx_pass], (method_kept, calls)
             if method == method_kept:
@@ -292,8 +335,22 @@ def test_gpu_fused_vs_float64(shape, act, dt):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_conv_passes_and_checkpoint(dt):
-    _check_conv_passes(D._td, "cuda", dt)
+@pytest.mark.parametrize("shape", [(2, 56, 56, 768), (3, 28, 28, 1536), (2, 14, 14, 1696), (2, 7, 7, 2048),
+                                   (3, 5, 9, 20), (1, 1, 1, 8), (70, 3, 1, 16)], ids=str)
+def test_gpu_x_bias_vs_float64(shape, dt):
+    """The FFN's conv with fc1's bias inside x (x_bias): forward and all four gradients."""
+    inp = make(*shape, dtype=dt, device="cuda", x_bias=True)
+    poison_cuda_cache()
+    res = run(D.dwconv_act, inp, "gelu")
+    tol = 1e-5 if dt == torch.float32 else 1e-2
+    compare(res, hand64(inp, "gelu"), tol, 1e-4 if dt == torch.float32 else 1e-2, f"gpu x_bias {shape} {dt}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_bias", [False, True])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_conv_passes_and_checkpoint(dt, x_bias):
+    _check_conv_passes(D._td, "cuda", dt, x_bias)
 
 
 @pytest.mark.gpu

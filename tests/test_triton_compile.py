@@ -166,6 +166,19 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])
+@pytest.mark.parametrize("H,C", [(56, 768), (14, 1696), (7, 2048)])
+def test_dwconv_input_sum_kernels_compile_for_sm90(H, C, act):
+    """x_bias's gradient: the edge sums of g (in the activation dtype) and their combination with the taps."""
+    from groupmamba.ops import triton_dwconv as td
+    ints = {k: "i32" for k in ("B", "H", "W", "CV", "PER_PROGRAM")}
+    consts = dict(BLOCK_E=triton.next_power_of_2(H), BLOCK_C=32, VEC=channel_split(C)[1])
+    compiled = compile_sm90(td._dwconv_edge_sums, consts, ints, {"G"}, act, 4)
+    assert len(compiled.asm["cubin"]) > 0
+    compiled = compile_sm90(td._dwconv_input_sum, dict(BLOCK_P=64, BLOCK_C=32), {"P": "i32", "C": "i32"}, (), F32, 4)
+    assert ".target sm_90" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("act", ["*fp32", "*bf16"])
 @pytest.mark.parametrize("act_code", [0, 1, 2])   # plain column sum, through SiLU' and GELU'
 def test_colsum_kernel_compiles_for_sm90(act, act_code):
     compiled = compile_colsum(424, act, act_code)

@@ -25,6 +25,8 @@ AB_RESADD the block's second residual add with ops.residual_add (0: torch's add,
           bfloat16 kernel)
 AB_CHAIN  each block's second residual add done by the next block's mixer (ops.add_layernorm_pool; 0: by
           ops.residual_add, then the mixer's layernorm_pool, as before)
+AB_FC1EDGE ConvFFN's fc1 bias gradient from the conv's image edges (ops.dwconv_act x_bias; 0: fc1's own
+          bias column sum)
 AB_MIDSUM the modulation's per-image partials and column_sum's partial rows summed by
           triton_colsum.sum_middle (0: torch's sums)
 AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
@@ -40,7 +42,7 @@ AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre
           recomputed / kept ("fused", "split" or "cudnn", ops/triton_dwconv.py CONFIG; default: as shipped)
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
 after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set; AB_ADDNORM and
-AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM, AB_CHAIN: twelfth set (and AB_INBIAS,
+AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM, AB_CHAIN, AB_FC1EDGE: twelfth set (and AB_INBIAS,
 in experiments/dwconv_in_bias.patch).
 """
 import contextlib
@@ -74,6 +76,8 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
         return (n // 16, 16) if n % 16 == 0 else (n, 1)
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
+if os.environ.get("AB_FC1EDGE", "1") == "0":
+    layers.ConvFFN.fc1_bias_grad_from_conv = False
 if os.environ.get("AB_CHAIN", "1") == "0":
     def _add_then_forward(self, x, residual, scale, H, W):
         y = mixer.residual_add(x, residual, scale)

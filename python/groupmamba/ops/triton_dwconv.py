@@ -45,6 +45,7 @@ from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
+EDGE_PROGRAMS = 64   # at most this many image groups in _dwconv_edge_sums (its partial rows)
 # block_h x block_c: output rows x channels per program (channels capped at C's next power of two); None:
 # 4 x 128 for H >= 28; below, 8 x 64 for the forward kernel (the forward and the dx pass: 105 vs 111 us at
 # GroupMamba-B's stage-3 FFN conv, 38 vs 46 at 7x7, in the H200 sweep of benchmarks/bench_dwconv.py
@@ -259,6 +260,91 @@ def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, CV, NHB, NRB, PER_PROGRAM, ACT:
     tl.store(pbase + 9 * C, tl.sum(a9, axis=0), mask=cok)
 
 
+@triton.jit(do_not_specialize=["B", "H", "W", "CV", "PER_PROGRAM"])
+def _dwconv_edge_sums(G, PART, B, H, W, CV, PER_PROGRAM, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
+                      VEC: tl.constexpr):
+    """PART[p, e, c], e = 0..7: the sums of G over images p * PER_PROGRAM ... of its row 0, row H - 1,
+    column 0, column W - 1, and its corners (0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1). BLOCK_E >= H, W."""
+    C = CV * VEC  # see _util.channel_split
+    pid = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cok = cs < C
+    e = tl.arange(0, BLOCK_E)
+    mw = (e < W)[:, None] & cok[None, :]
+    mh = (e < H)[:, None] & cok[None, :]
+    top = tl.zeros((BLOCK_E, BLOCK_C), dtype=tl.float32)
+    bot, left, right = top, top, top
+    for i in range(0, PER_PROGRAM):
+        b = pid * PER_PROGRAM + i
+        ok = b < B                                  # the last program's images may run out
+        img = G + b.to(tl.int64) * H * W * C
+        top += tl.load(img + (e * C)[:, None] + cs[None, :], mask=mw & ok, other=0.0).to(tl.float32)
+        bot += tl.load(img + (((H - 1) * W + e) * C)[:, None] + cs[None, :], mask=mw & ok, other=0.0).to(tl.float32)
+        left += tl.load(img + (e * W * C)[:, None] + cs[None, :], mask=mh & ok, other=0.0).to(tl.float32)
+        right += tl.load(img + ((e * W + W - 1) * C)[:, None] + cs[None, :], mask=mh & ok, other=0.0).to(tl.float32)
+    out = PART + pid.to(tl.int64) * 8 * C + cs
+    first, last = (e == 0)[:, None], (e == W - 1)[:, None]
+    tl.store(out + 0 * C, tl.sum(top, axis=0), mask=cok)
+    tl.store(out + 1 * C, tl.sum(bot, axis=0), mask=cok)
+    tl.store(out + 2 * C, tl.sum(left, axis=0), mask=cok)
+    tl.store(out + 3 * C, tl.sum(right, axis=0), mask=cok)
+    tl.store(out + 4 * C, tl.sum(tl.where(first, top, 0.0), axis=0), mask=cok)
+    tl.store(out + 5 * C, tl.sum(tl.where(last, top, 0.0), axis=0), mask=cok)
+    tl.store(out + 6 * C, tl.sum(tl.where(first, bot, 0.0), axis=0), mask=cok)
+    tl.store(out + 7 * C, tl.sum(tl.where(last, bot, 0.0), axis=0), mask=cok)
+
+
+@triton.jit(do_not_specialize=["P", "C"])
+def _dwconv_input_sum(PART, WT, GSUM, OUT, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """OUT[c] = the sum of dx over every position, for dx the conv's input gradient, from g's total GSUM and
+    the edge sums PART (P rows of 8, _dwconv_edge_sums): tap (i, j) of output q reads input q + (i - 1, j - 1),
+    so dx summed over the image is sum_ij t_ij * S_ij, S_ij = the sum of g over the outputs whose tap (i, j)
+    lands inside the image: G minus row 0 (i = 0) / row H - 1 (i = 2) / column 0 (j = 0) / column W - 1
+    (j = 2), plus the corner subtracted twice."""
+    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cok = cs < C
+    ps = tl.arange(0, BLOCK_P)
+    m = (ps < P)[:, None] & cok[None, :]
+    base = PART + (ps * 8 * C)[:, None] + cs[None, :]
+    r_top = tl.sum(tl.load(base + 0 * C, mask=m, other=0.0), axis=0)
+    r_bot = tl.sum(tl.load(base + 1 * C, mask=m, other=0.0), axis=0)
+    c_left = tl.sum(tl.load(base + 2 * C, mask=m, other=0.0), axis=0)
+    c_right = tl.sum(tl.load(base + 3 * C, mask=m, other=0.0), axis=0)
+    g00 = tl.sum(tl.load(base + 4 * C, mask=m, other=0.0), axis=0)
+    g0w = tl.sum(tl.load(base + 5 * C, mask=m, other=0.0), axis=0)
+    gh0 = tl.sum(tl.load(base + 6 * C, mask=m, other=0.0), axis=0)
+    ghw = tl.sum(tl.load(base + 7 * C, mask=m, other=0.0), axis=0)
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, _ = _taps_bias(WT, WT, C, cs, cok, False, False)
+    g = tl.load(GSUM + cs, mask=cok, other=0.0)[None, :]
+    total = t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7 + t8
+    res = (total * g - (t0 + t1 + t2) * r_top[None, :] - (t6 + t7 + t8) * r_bot[None, :]
+           - (t0 + t3 + t6) * c_left[None, :] - (t2 + t5 + t8) * c_right[None, :] + t0 * g00[None, :]
+           + t2 * g0w[None, :] + t6 * gh0[None, :] + t8 * ghw[None, :])
+    res = tl.sum(res, axis=0)     # the (1, BLOCK_C) rows of _taps_bias, back to (BLOCK_C,)
+    tl.store(OUT + cs, res, mask=cok)
+
+
+def _input_sum(g, taps, g_total):
+    """The sum over (B, H, W) of the conv's input gradient (the dx pass's output), from g = the gradient of
+    the pre-activation (B, H, W, C), the taps (9, C) and g's own sum (C,): two small kernels that read the
+    image edges of g instead of a pass over dx (see _dwconv_input_sum)."""
+    B, H, W, C = g.shape
+    block_c = 32
+    programs = min(B, EDGE_PROGRAMS)
+    per_program = triton.cdiv(B, programs)
+    programs = triton.cdiv(B, per_program)
+    part = torch.empty((programs, 8, C), device=g.device, dtype=torch.float32)
+    cv, vec = channel_split(C)
+    _dwconv_edge_sums[(programs, triton.cdiv(C, block_c))](
+        g, part, B, H, W, cv, per_program, BLOCK_E=max(16, triton.next_power_of_2(max(H, W))), BLOCK_C=block_c,
+        VEC=vec, num_warps=4)
+    out = torch.empty(C, device=g.device, dtype=torch.float32)
+    _dwconv_input_sum[(triton.cdiv(C, block_c),)](part, taps, g_total.float().contiguous(), out, programs, C,
+                                                  BLOCK_P=max(16, triton.next_power_of_2(programs)),
+                                                  BLOCK_C=block_c, num_warps=4)
+    return out
+
+
 def _check_size(x):
     B, H, W, C = x.shape
     if (H + 1) * W * C >= 2 ** 31:  # offsets inside one image are 32-bit (the image base is 64-bit)
@@ -317,10 +403,14 @@ def _taps(weight):
 
 
 class DWConvAct(torch.autograd.Function):
+    """act(conv(x) + bias); x_bias (C,) or None: a bias already inside x (the producing Linear's, added
+    there without a gradient), whose gradient, the sum of dx over the image, this op returns (_input_sum)."""
+
     @staticmethod
-    def forward(ctx, x, weight, bias, act):
+    def forward(ctx, x, weight, bias, act, x_bias=None):
         _check_size(x)
         ctx.act = act
+        ctx.x_bias_dtype = None if x_bias is None else x_bias.dtype
         taps = _taps(weight)
         if act != "none" and _KEEP:
             out, pre = _conv(x, taps, bias, act, keep_pre=True)
@@ -338,10 +428,12 @@ class DWConvAct(torch.autograd.Function):
         act = ctx.act
         grad_out = grad_out.contiguous()
         C = x.shape[-1]
+        need = ctx.needs_input_grad
+        want_xb = ctx.x_bias_dtype is not None and need[4]
         if x.numel() == 0:  # nothing to launch (the passes below split B*H rows into programs)
-            need = ctx.needs_input_grad
             return (torch.zeros_like(x) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
-                    torch.zeros_like(bias) if need[2] else None, None)
+                    torch.zeros_like(bias) if need[2] else None, None,
+                    x.new_zeros(C, dtype=ctx.x_bias_dtype) if want_xb else None)
         kept = act != "none" and pre.data_ptr() != x.data_ptr()
         method = CONFIG["wgrad_kept" if kept else "wgrad"]
         if method not in (("split", "cudnn") if kept else ("fused", "split", "cudnn")):
@@ -380,9 +472,13 @@ class DWConvAct(torch.autograd.Function):
                 dx = dx_cudnn.permute(0, 2, 3, 1)
             if method == "cudnn":
                 dw = dw_cudnn
+        d_xb = None
+        if want_xb:
+            g_total = column_sum(gpre.reshape(-1, C)) if db is None else db
+            d_xb = _input_sum(gpre, taps, g_total).to(ctx.x_bias_dtype)
         # the bias gradient with the Triton column sum instead of cuDNN/torch's reduction
         if not ctx.needs_input_grad[2]:
             db = None
         else:
             db = (column_sum(gpre.reshape(-1, C)) if db is None else db).to(bias.dtype)
-        return dx, None if dw is None else dw.to(weight.dtype), db, None
+        return dx, None if dw is None else dw.to(weight.dtype), db, None, d_xb
