@@ -23,6 +23,11 @@ Backward (autograd.Function), all Triton by default; CONFIG picks each piece:
   the activation backward, then cuDNN's NHWC depthwise wgrad;
 - dx: this file's forward kernel over g with the taps rotated by 180 degrees (a depthwise conv's input
   gradient is its transposed stencil), no bias, no activation (triton_dgrad=False: cuDNN's dgrad).
+- x_bias (a bias already inside x): its gradient, dx summed over every position, is sum_ij t_ij * S_ij
+  with S_ij the sum of g over the outputs whose tap (i, j) falls inside the image; S_ij is g's total minus
+  its sums over the image's first / last row / column (plus a corner). _dwconv_edge_sums reads only those
+  edges, _dwconv_input_sum combines them with the taps (B training step, H200: 1051.7 / 1050.9 img/s against
+  1046.4 with fc1's own bias column sum, same call, BENCHMARKS.md twelfth set).
 Of the activations only x is saved, not the conv output. Inside ``keep_preactivation()`` (ConvFFN's
 checkpoint recompute, which runs right before this backward) the forward also stores the pre-activation
 and saves it, so the backward needs no recompute: the FFN's conv forward runs twice per step (plus the
