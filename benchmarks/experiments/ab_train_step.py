@@ -22,7 +22,7 @@ AB_WIDTH  the conv and column-sum kernels get their row width as CV * VEC (_util
 AB_ADDNORM the block's first residual add and norm2 as one op (ops.add_layer_norm; 0: x + drop_path(r),
           then norm2, as before)
 AB_RESADD the block's second residual add with ops.residual_add (0: torch's add, its unvectorized float32 +
-          bfloat16 kernel)
+          bfloat16 kernel); since AB_CHAIN only a stage's last block uses it
 AB_CHAIN  each block's second residual add done by the next block's mixer (ops.add_layernorm_pool; 0: by
           ops.residual_add, then the mixer's layernorm_pool, as before)
 AB_FC1EDGE ConvFFN's fc1 bias gradient from the conv's image edges (ops.dwconv_act x_bias; 0: fc1's own

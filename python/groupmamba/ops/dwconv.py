@@ -54,8 +54,8 @@ def _check(x, weight, bias, act, x_bias=None):
 
 
 def dwconv_act_reference(x, weight, bias, act: str, x_bias=None):
-    if x_bias is not None:   # adds zero to x, and routes x's gradient summed over (B, H, W) to x_bias
-        x = x + (x_bias - x_bias.detach())
+    if x_bias is not None:   # adds zero to x (in x's dtype), and routes x's gradient summed over (B, H, W) to x_bias
+        x = x + (x_bias - x_bias.detach()).to(x.dtype)
     y = F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=x.shape[-1])
     if act == "silu":
         y = F.silu(y)

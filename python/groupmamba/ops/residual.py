@@ -10,6 +10,8 @@ Why an op for an add: torch runs a float32 + bfloat16 add as its unvectorized dy
 block's second residual add, 1.75 ms in 34 calls of a GroupMamba-B training step, about 60% of copy
 bandwidth; H200 profile, eleventh set). The Triton kernel below loads both operands in 16-byte vectors.
 The backward is the add's: the stream's gradient unchanged, the branch's scaled and cast to its dtype.
+In the model most of these adds now happen inside the next block's first LayerNorm pass
+(modulation.add_layernorm_pool); this op finishes a stage's last block (and GroupMambaBlock.forward).
 
 CUDA tensors in float32 / bfloat16 / float16 with Triton importable, eagerly: the Triton kernel.
 Otherwise (CPU, under torch.compile, GROUPMAMBA_FORCE_REFERENCE=1): the torch reference.
