@@ -100,3 +100,13 @@ def capture_graph(body, before_each, warmup: int = 3):
     Replays launch every kernel of the step with one host call, so host overhead drops out of the timing."""
     graph, _ = capture(body, before_each, warmup)
     return graph.replay
+
+
+def run_shapes_main(run, default: str) -> None:
+    """The command line of the Nsight Compute driver scripts (ncu_scan.py, ncu_dwconv.py): the GPU's name,
+    then run(name) for every shape named in sys.argv (default: one), then "done"."""
+    import sys
+    print("GPU:", torch.cuda.get_device_name())
+    for shape in sys.argv[1:] or [default]:
+        run(shape)
+    print("done")

@@ -5,11 +5,11 @@
 Shapes, B=128: GroupMamba-B's FFN convs at stage 1 (768 channels at 56x56) and stage 3 (1696 at 14x14), and
 GroupMamba-T's stage-1 mixer conv (64 at 56x56, SiLU).
 """
-import sys
-
 import torch
 
 from groupmamba.ops import dwconv_act
+
+from benchutil import run_shapes_main  # benchmarks/ is on sys.path as a script
 
 SHAPES = {"B1": (56, 768, "gelu"), "B3": (14, 1696, "gelu"), "T1": (56, 64, "silu")}
 
@@ -22,7 +22,4 @@ def run(name: str, batch: int = 128):
 
 
 if __name__ == "__main__":
-    print("GPU:", torch.cuda.get_device_name())
-    for shape in sys.argv[1:] or ["B1"]:
-        run(shape)
-    print("done")
+    run_shapes_main(run, "B1")

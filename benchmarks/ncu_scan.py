@@ -4,12 +4,12 @@
 
 Shapes are GroupMamba-T stages at B=128, bf16 (T1 64@56x56, T2 128@28x28, T3 348@14x14, T4 448@7x7).
 """
-import sys
-
 import torch
 
 import groupmamba  # noqa: F401
 from groupmamba.ops import grouped_scan
+
+from benchutil import run_shapes_main  # benchmarks/ is on sys.path as a script
 
 SHAPES = {"T1": (56, 64), "T2": (28, 128), "T3": (14, 348), "T4": (7, 448)}
 
@@ -28,7 +28,4 @@ def run(name: str, batch: int = 128, dtype=torch.bfloat16):
 
 
 if __name__ == "__main__":
-    print("GPU:", torch.cuda.get_device_name())
-    for shape in sys.argv[1:] or ["T1"]:
-        run(shape)
-    print("done")
+    run_shapes_main(run, "T1")

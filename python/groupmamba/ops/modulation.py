@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from .residual import check_residual, residual_add, residual_add_reference
+from .residual import check_residual, residual_add, residual_add_reference, scale_as_float32
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_C = 8192  # a whole row lives in registers; wider rows take the reference
@@ -186,9 +186,7 @@ def add_layernorm_pool(x, residual, weight, bias, eps: float, residual_scale=Non
     y_dtype = torch.promote_types(x.dtype, residual.dtype)
     if (_use_fused((x, residual), (weight, bias)) and not torch.compiler.is_compiling() and y_dtype in _FUSED_DTYPES
             and copy_dtype in (None, *_FUSED_DTYPES) and copy_dtype != y_dtype):
-        scale = None if residual_scale is None else residual_scale.float().contiguous()
-        return _tm.add_layernorm_pool_triton(x.contiguous(), residual.contiguous(), scale, weight.contiguous(),
-                                             bias.contiguous(), eps, copy_dtype)
+        return _launch_add_pool(x, residual, weight, bias, eps, residual_scale, copy_dtype)
     y = residual_add(x, residual, residual_scale)
     return (y, *layernorm_pool(y, weight, bias, eps, copy_dtype))
 
@@ -202,9 +200,13 @@ def add_layernorm_pool_fused(x, residual, weight, bias, eps: float, residual_sca
     check_residual(op, x, residual, residual_scale)
     if weight is None or bias is None:
         raise ValueError(f"{op}: the fused kernel needs weight and bias tensors")
-    scale = None if residual_scale is None else residual_scale.float().contiguous()
-    return _tm.add_layernorm_pool_triton(x.contiguous(), residual.contiguous(), scale, weight.contiguous(),
-                                         bias.contiguous(), eps, copy_dtype)
+    return _launch_add_pool(x, residual, weight, bias, eps, residual_scale, copy_dtype)
+
+
+def _launch_add_pool(x, residual, weight, bias, eps, residual_scale, copy_dtype):
+    """The Triton kernels on checked arguments (contiguous; the per-sample factors as float32)."""
+    return _tm.add_layernorm_pool_triton(x.contiguous(), residual.contiguous(), scale_as_float32(residual_scale),
+                                         weight.contiguous(), bias.contiguous(), eps, copy_dtype)
 
 
 def modulate_layernorm(y_all, xn, s, skip_scale, weight, bias, eps: float, out_dtype=None):

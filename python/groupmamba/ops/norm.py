@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from ._util import check_float_tensors
-from .residual import check_residual, residual_add_reference
+from .residual import check_residual, residual_add_reference, scale_as_float32
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_FUSED_ROW = 8192  # G * next_pow2(d) elements of a row live in registers
@@ -100,7 +100,7 @@ def add_layer_norm_fused(x, residual, weight, bias, eps: float, residual_scale=N
 def _launch_add_fused(x, residual, weight, bias, eps, residual_scale, out_dtype):
     w2 = weight.reshape(-1, weight.shape[-1]) if weight.dim() == 2 else weight.reshape(1, -1)
     dt = out_dtype or torch.promote_types(torch.promote_types(x.dtype, residual.dtype), weight.dtype)
-    scale = None if residual_scale is None else residual_scale.float().contiguous()
+    scale = scale_as_float32(residual_scale)
     return _tn.add_layer_norm_triton(x.contiguous(), residual.contiguous(), scale, w2.contiguous(),
                                      bias.reshape(w2.shape).contiguous(), eps, dt)
 

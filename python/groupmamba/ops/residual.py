@@ -39,6 +39,11 @@ def _scale_view(scale, like):
     return scale.view(-1, *([1] * (like.dim() - 1)))
 
 
+def scale_as_float32(residual_scale):
+    """The per-sample factors as the kernels read them (contiguous float32), or None."""
+    return None if residual_scale is None else residual_scale.float().contiguous()
+
+
 def residual_add_reference(x, residual, residual_scale=None):
     r = residual if residual_scale is None else residual * _scale_view(residual_scale, residual)
     return x + r
@@ -92,7 +97,7 @@ class _ResidualAdd(torch.autograd.Function):
     def forward(ctx, x, residual, scale):
         x, residual = x.contiguous(), residual.contiguous()
         out = torch.empty(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, residual.dtype))
-        scale = None if scale is None else scale.float().contiguous()
+        scale = scale_as_float32(scale)
         n = x.numel()
         if n:
             _residual_add_kernel[(triton.cdiv(n, BLOCK),)](

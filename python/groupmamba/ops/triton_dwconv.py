@@ -331,8 +331,8 @@ def _dwconv_input_sum(PART, WT, GSUM, OUT, P, C, BLOCK_P: tl.constexpr, BLOCK_C:
 
 def _input_sum(g, taps, g_total):
     """The sum over (B, H, W) of the conv's input gradient (the dx pass's output), from g = the gradient of
-    the pre-activation (B, H, W, C), the taps (9, C) and g's own sum (C,): two small kernels that read the
-    image edges of g instead of a pass over dx (see _dwconv_input_sum)."""
+    the pre-activation (B, H, W, C), the taps (9, C) and g's own float32 sum (C,): two small kernels that
+    read the image edges of g instead of a pass over dx (see _dwconv_input_sum)."""
     B, H, W, C = g.shape
     block_c = 32
     programs = min(B, EDGE_PROGRAMS)
@@ -344,7 +344,7 @@ def _input_sum(g, taps, g_total):
         g, part, B, H, W, cv, per_program, BLOCK_E=max(16, triton.next_power_of_2(max(H, W))), BLOCK_C=block_c,
         VEC=vec, num_warps=4)
     out = torch.empty(C, device=g.device, dtype=torch.float32)
-    _dwconv_input_sum[(triton.cdiv(C, block_c),)](part, taps, g_total.float().contiguous(), out, programs, C,
+    _dwconv_input_sum[(triton.cdiv(C, block_c),)](part, taps, g_total, out, programs, C,
                                                   BLOCK_P=max(16, triton.next_power_of_2(programs)),
                                                   BLOCK_C=block_c, num_warps=4)
     return out
@@ -477,13 +477,10 @@ class DWConvAct(torch.autograd.Function):
                 dx = dx_cudnn.permute(0, 2, 3, 1)
             if method == "cudnn":
                 dw = dw_cudnn
-        d_xb = None
-        if want_xb:
-            g_total = column_sum(gpre.reshape(-1, C)) if db is None else db
-            d_xb = _input_sum(gpre, taps, g_total).to(ctx.x_bias_dtype)
-        # the bias gradient with the Triton column sum instead of cuDNN/torch's reduction
-        if not ctx.needs_input_grad[2]:
-            db = None
-        else:
-            db = (column_sum(gpre.reshape(-1, C)) if db is None else db).to(bias.dtype)
+        # g's sum (the bias gradient, and x_bias's needs it) with the Triton column sum instead of cuDNN/torch's
+        # reduction, when no pass above made it
+        if db is None and (need[2] or want_xb):
+            db = column_sum(gpre.reshape(-1, C))
+        d_xb = _input_sum(gpre, taps, db).to(ctx.x_bias_dtype) if want_xb else None
+        db = db.to(bias.dtype) if need[2] else None
         return dx, None if dw is None else dw.to(weight.dtype), db, None, d_xb
