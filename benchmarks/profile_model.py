@@ -14,7 +14,9 @@ profiled for --steps steps. Reported per step:
   (d) CPU-side op count (all aten:: ops, and top-level ones, i.e. not nested in another aten op);
   (e) on CUDA, device time by part of the model (kernel names grouped by CATEGORIES) and the top 20 aten
       ops by the device time of the kernels they launch.
-Writes $OUT/profile.md (or --out) and, for the train step, $OUT/trace_train.json.gz when under 16 MB.
+Writes $OUT/profile.md (or --out), $OUT/kernels_<mode>.tsv (every kernel name with its part, calls and
+ms per step: where the many small kernels come from) and, for the train step, $OUT/trace_train.json.gz
+when under 16 MB.
 """
 from __future__ import annotations
 
@@ -131,7 +133,7 @@ def is_aten_nested(e) -> bool:
     return False
 
 
-def analyze(prof, steps: int, mode: str, wall: float, wall_prof: float, cuda: bool) -> list:
+def analyze(prof, steps: int, mode: str, wall: float, wall_prof: float, cuda: bool) -> tuple[list, dict]:
     events = prof.events()
     cpu = [e for e in events if e.device_type == DeviceType.CPU]
     # record_function ranges ("train_step", "Optimizer.step#...") also appear as device-side events
@@ -197,7 +199,15 @@ def analyze(prof, steps: int, mode: str, wall: float, wall_prof: float, cuda: bo
         short = name if len(name) <= 100 else name[:97] + "..."
         lines.append(f"| {i} | `{short.replace('|', '/')}` | {n / steps:.0f} | {us / 1e3 / steps:.3f} | "
                      f"{100 * us / total:.1f}% |")
-    return lines
+    return lines, agg
+
+
+def write_kernel_table(path: str, agg: dict, steps: int) -> None:
+    """Every kernel (or, on CPU, aten op) with its part, calls and ms per step, longest total first."""
+    with open(path, "w") as f:
+        f.write("part\tcalls\tms\tname\n")
+        for name, (n, us) in sorted(agg.items(), key=lambda kv: -kv[1][1]):
+            f.write(f"{category(name)}\t{n / steps:g}\t{us / 1e3 / steps:.4f}\t{name}\n")
 
 
 def main(argv=None) -> int:
@@ -262,7 +272,9 @@ def main(argv=None) -> int:
                     step()
             sync(device)
             wall_prof = (time.perf_counter() - t0) * 1e3 / args.steps
-        section = analyze(prof, args.steps, mode, wall, wall_prof, cuda)
+        section, agg = analyze(prof, args.steps, mode, wall, wall_prof, cuda)
+        if out:
+            write_kernel_table(os.path.join(out, f"kernels_{mode}.tsv"), agg, args.steps)
         if out and mode == "train":
             path = os.path.join(out, "trace_train.json.gz")
             prof.export_chrome_trace(path)

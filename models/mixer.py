@@ -27,6 +27,7 @@ from groupmamba.ops import (add_layernorm_pool, dwconv_act, group_layer_norm, gr
                             layernorm_pool, linear, modulate_layernorm, residual_add)
 from groupmamba.ops._util import autocast_dtype
 
+from .group_weights import PackedGroupWeights, pack_group_weights
 from .layers import Linear
 
 GROUPS = 4
@@ -194,15 +195,31 @@ class GroupMambaLayer(nn.Module):
     def _mix_fused(self, xn: torch.Tensor) -> torch.Tensor:
         """xn (B, H, W, C) -> the four groups' SS2D outputs concatenated, (B, H, W, C).
 
-        Each step is a method of its own so benchmarks/bench_layer.py can time them one by one."""
-        x, z = self.grouped_in_proj(xn)
-        y = self.grouped_scan(self.conv_silu(x))
-        return self.grouped_out_proj(self.out_norm_gate(y, z))
+        Each step is a method of its own so benchmarks/bench_layer.py can time them one by one; ``w``, the
+        groups' weights packed by one autograd node (group_weights.py), is passed where that path applies."""
+        w = self._packed_weights(xn)
+        x, z = self.grouped_in_proj(xn, w)
+        y = self.grouped_scan(self.conv_silu(x, w), w)
+        return self.grouped_out_proj(self.out_norm_gate(y, z, w), w)
 
-    def grouped_in_proj(self, xn: torch.Tensor):
+    def _packed_weights(self, x: torch.Tensor) -> PackedGroupWeights | None:
+        """The groups' parameters packed in 4 kernels (forward and backward) instead of ~35, for the
+        block-diagonal projections (CUDA) with float32 parameters; None elsewhere (each method then stacks
+        its own). Not under torch.compile, which fuses the stacking itself."""
+        if not self._use_blockdiag(x) or torch.compiler.is_compiling() or x.dtype == torch.float64:
+            return None
+        if any(p.dtype != torch.float32 for p in (self.mamba_g1.in_proj.weight, self.mamba_g1.Ds)):
+            return None
+        return pack_group_weights(self.groups, autocast_dtype(x) or x.dtype)
+
+    def grouped_in_proj(self, xn: torch.Tensor, w: PackedGroupWeights | None = None):
         """(B, H, W, C) -> x, z (B, H, W, C): every group's in_proj in one GEMM."""
         B, H, W, C = xn.shape
         d = C // GROUPS
+        if w is not None:
+            if xn.dtype != w.w_x.dtype:
+                xn = xn.to(w.w_x.dtype)   # once for both GEMMs (see below)
+            return linear(xn, w.w_x), linear(xn, w.w_z)
         w_in = torch.stack([g.in_proj.weight for g in self.groups])     # (4, 2d, d): rows [x | z]
         if self._use_blockdiag(xn):
             w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)
@@ -217,26 +234,35 @@ class GroupMambaLayer(nn.Module):
         xz = grouped_linear_bmm(xn, w_in)                               # (4, M, 2d)
         return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))
 
-    def conv_silu(self, x: torch.Tensor) -> torch.Tensor:
+    def conv_silu(self, x: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
         """SiLU(depthwise 3x3 conv) over all 4d channels at once (the groups' kernels concatenated)."""
+        if w is not None:
+            return dwconv_act(x, w.conv_w, w.conv_b, "silu")
         conv_w = torch.cat([g.conv2d.weight for g in self.groups])      # (C, 1, k, k)
         conv_b = torch.cat([g.conv2d.bias for g in self.groups])
         return dwconv_act(x, conv_w, conv_b, "silu")
 
-    def grouped_scan(self, u: torch.Tensor) -> torch.Tensor:
+    def grouped_scan(self, u: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
         """The four directional scans in one call, (B, H, W, C) -> (B, H, W, C)."""
+        if w is not None:
+            return grouped_scan(u, w.x_proj, w.dt_w, w.dt_b, w.A_log, w.D)
         return grouped_scan(u, *_scan_params(self.groups, u))
 
-    def out_norm_gate(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def out_norm_gate(self, y: torch.Tensor, z: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
         """Per-group out_norm times SiLU(z), one fused op (stacked weights). Under autocast the result is
         already in the autocast dtype: its only consumer is out_proj, whose input cast rounds the same."""
         groups = self.groups
-        norm_w = torch.stack([g.out_norm.weight for g in groups])       # (4, d)
-        norm_b = torch.stack([g.out_norm.bias for g in groups])
+        if w is not None:
+            norm_w, norm_b = w.norm_w, w.norm_b
+        else:
+            norm_w = torch.stack([g.out_norm.weight for g in groups])   # (4, d)
+            norm_b = torch.stack([g.out_norm.bias for g in groups])
         return group_layer_norm(y, norm_w, norm_b, groups[0].out_norm.eps, gate=z, out_dtype=autocast_dtype(y))
 
-    def grouped_out_proj(self, y: torch.Tensor) -> torch.Tensor:
+    def grouped_out_proj(self, y: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
         """Every group's out_proj in one GEMM, (B, H, W, C) -> (B, H, W, C)."""
+        if w is not None:
+            return linear(y, w.w_out)
         w_out = torch.stack([g.out_proj.weight for g in self.groups])   # (4, d, d)
         if self._use_blockdiag(y):
             return linear(y, block_diagonal(w_out))

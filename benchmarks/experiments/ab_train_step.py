@@ -27,6 +27,10 @@ AB_CHAIN  each block's second residual add done by the next block's mixer (ops.a
           ops.residual_add, then the mixer's layernorm_pool, as before)
 AB_FC1EDGE ConvFFN's fc1 bias gradient from the conv's image edges (ops.dwconv_act x_bias; 0: fc1's own
           bias column sum)
+AB_PACK   the mixer's group parameters packed by one autograd node (models/group_weights.py; 0: stacked,
+          block-diagonal and cast by separate torch ops per method, as before)
+AB_MMDT   captured Linears' weight gradient written in float32 by cuBLAS (fast_linear._wgrad; 0: a 16-bit
+          product and a cast kernel)
 AB_MIDSUM the modulation's per-image partials and column_sum's partial rows summed by
           triton_colsum.sum_middle (0: torch's sums)
 AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
@@ -43,7 +47,7 @@ AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
 after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set; AB_ADDNORM and
 AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM, AB_CHAIN, AB_FC1EDGE: twelfth set (and AB_INBIAS,
-in experiments/dwconv_in_bias.patch).
+in experiments/dwconv_in_bias.patch); AB_PACK, AB_MMDT: thirteenth set.
 """
 import contextlib
 import os
@@ -76,6 +80,10 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     def _width_as_int(n):     # what the compiler knew before: a factor of 16 or nothing
         return (n // 16, 16) if n % 16 == 0 else (n, 1)
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
+if os.environ.get("AB_PACK", "1") == "0":
+    mixer.GroupMambaLayer._packed_weights = lambda self, x: None
+if os.environ.get("AB_MMDT", "1") == "0":
+    fast_linear._MM_OUT_DTYPE = False
 if os.environ.get("AB_FC1EDGE", "1") == "0":
     layers.ConvFFN.fc1_bias_grad_from_conv = False
 if os.environ.get("AB_CHAIN", "1") == "0":

@@ -127,9 +127,22 @@ class _PaddedLinear(torch.autograd.Function):
         N = g2.shape[1]
         gp = _pad_2d(g2, g2.shape[0], Np, wp.dtype)
         gx = (gp @ wp)[:, :K].view(x_shape).to(x_dtype) if need_x else None
-        gw = (gp.t() @ xp)[:N, :K].to(w_dtype) if need_w else None
+        gw = _wgrad(gp, xp, w_dtype)[:N, :K] if need_w else None
         gb = _column_sum(gp)[:N].to(b_dtype) if need_b and b_dtype is not None else None
         return gx, gw, gb, None, None
+
+
+# torch.mm(..., out_dtype=float32) on 16-bit CUDA operands (torch >= 2.8): cuBLAS writes the float32 weight
+# gradient directly, instead of a 16-bit product and a cast kernel (one kernel fewer per Linear and step,
+# and the gradient is not rounded to 16 bits first).
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
+def _wgrad(gp: torch.Tensor, xp: torch.Tensor, w_dtype: torch.dtype) -> torch.Tensor:
+    """gp^T @ xp in ``w_dtype`` (the weight's dtype)."""
+    if _MM_OUT_DTYPE and gp.is_cuda and w_dtype == torch.float32 and gp.dtype in _PADDED_DTYPES:
+        return torch.mm(gp.t(), xp, out_dtype=torch.float32)
+    return (gp.t() @ xp).to(w_dtype)
 
 
 def linear_padded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
