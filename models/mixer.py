@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn as nn
 
-from groupmamba.ops import (add_layernorm_pool, dwconv_act, group_layer_norm, grouped_scan, grouped_scan_naive,
-                            layernorm_pool, linear, modulate_layernorm, residual_add)
+from groupmamba.ops import (add_layernorm_pool, dual_linear, dwconv_act, group_layer_norm, grouped_scan,
+                            grouped_scan_naive, layernorm_pool, linear, modulate_layernorm, residual_add)
 from groupmamba.ops._util import autocast_dtype
 
 from .group_weights import PackedGroupWeights, pack_group_weights
@@ -175,7 +175,7 @@ class GroupMambaLayer(nn.Module):
         else:
             xn, copy = norm(x), ()
             pooled = xn.mean(dim=1)
-        s = self.sigmoid(self.fc2(self.relu(self.fc1(pooled))))
+        s = self.channel_attention(pooled)
         xmap = (copy[0] if copy else xn).view(B, H, W, C)
         y = self._mix_fused(xmap) if self.fused else self._mix_unfused(xmap)
         y = y.reshape(B, L, C)
@@ -186,6 +186,13 @@ class GroupMambaLayer(nn.Module):
         else:
             y = norm(y * self.skip_scale * xn * s.unsqueeze(1))
         return stream, self.proj(y)
+
+    def channel_attention(self, pooled: torch.Tensor) -> torch.Tensor:
+        """s = sigmoid(fc2(relu(fc1(pooled)))), (B, C), in the parameters' dtype with autocast off: on
+        (B, C) inputs autocast's casts of the input, weights and biases, and of their gradients back, were
+        more kernels than the two tiny GEMMs themselves (about 11 per layer and step)."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self.sigmoid(self.fc2(self.relu(self.fc1(pooled.to(self.fc1.weight.dtype)))))
 
     def _use_blockdiag(self, x: torch.Tensor) -> bool:
         if self.proj_impl == "auto":
@@ -219,7 +226,7 @@ class GroupMambaLayer(nn.Module):
         if w is not None:
             if xn.dtype != w.w_x.dtype:
                 xn = xn.to(w.w_x.dtype)   # once for both GEMMs (see below)
-            return linear(xn, w.w_x), linear(xn, w.w_z)
+            return dual_linear(xn, w.w_x, w.w_z)
         w_in = torch.stack([g.in_proj.weight for g in self.groups])     # (4, 2d, d): rows [x | z]
         if self._use_blockdiag(xn):
             w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)

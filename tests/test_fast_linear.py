@@ -277,3 +277,18 @@ def test_checkpoint_recompute_skips_padded_gemm():
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _interpret_checks()
+
+
+def test_dual_linear_function_gradients():
+    """_DualLinear (CUDA path of dual_linear; the Function itself is device-agnostic): float64 gradcheck, and
+    a one-sided loss (one output's gradient None) gives the other half's gradients and zeros elsewhere."""
+    from groupmamba.ops.fast_linear import _DualLinear
+    gen = torch.Generator().manual_seed(11)
+    x, w1, w2 = (torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)
+                 for s in ((2, 3, 5), (4, 5), (6, 5)))
+    assert torch.autograd.gradcheck(lambda *a: _DualLinear.apply(*a), (x, w1, w2))
+    a, _ = _DualLinear.apply(x, w1, w2)
+    gx, g1, g2 = torch.autograd.grad(a.sum(), (x, w1, w2), allow_unused=True)
+    assert torch.allclose(gx, torch.ones(2, 3, 4, dtype=torch.float64) @ w1)
+    assert torch.allclose(g1, torch.ones(6, 4, dtype=torch.float64).t() @ x.detach().reshape(6, 5))
+    assert g2 is None or torch.count_nonzero(g2) == 0

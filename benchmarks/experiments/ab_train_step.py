@@ -31,6 +31,9 @@ AB_PACK   the mixer's group parameters packed by one autograd node (models/group
           block-diagonal and cast by separate torch ops per method, as before)
 AB_MMDT   captured Linears' weight gradient written in float32 by cuBLAS (fast_linear._wgrad; 0: a 16-bit
           product and a cast kernel)
+AB_CA     the mixer's channel attention in float32 with autocast off (models/mixer.py; 0: under autocast)
+AB_DUAL   the in_proj halves as one autograd node accumulating x's gradient in the second dgrad GEMM
+          (fast_linear.dual_linear; 0: two linears and autograd's add)
 AB_MIDSUM the modulation's per-image partials and column_sum's partial rows summed by
           triton_colsum.sum_middle (0: torch's sums)
 AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
@@ -47,7 +50,7 @@ AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
 after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set; AB_ADDNORM and
 AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM, AB_CHAIN, AB_FC1EDGE: twelfth set (and AB_INBIAS,
-in experiments/dwconv_in_bias.patch); AB_PACK, AB_MMDT: thirteenth set.
+in experiments/dwconv_in_bias.patch); AB_PACK, AB_MMDT, AB_CA, AB_DUAL: thirteenth set.
 """
 import contextlib
 import os
@@ -82,6 +85,10 @@ if os.environ.get("AB_WIDTH", "1") == "0":
     triton_dwconv.channel_split = _colsum.channel_split = _width_as_int
 if os.environ.get("AB_PACK", "1") == "0":
     mixer.GroupMambaLayer._packed_weights = lambda self, x: None
+if os.environ.get("AB_CA", "1") == "0":
+    mixer.GroupMambaLayer.channel_attention = lambda self, p: self.sigmoid(self.fc2(self.relu(self.fc1(p))))
+if os.environ.get("AB_DUAL", "1") == "0":
+    mixer.dual_linear = lambda x, w1, w2: (mixer.linear(x, w1), mixer.linear(x, w2))
 if os.environ.get("AB_MMDT", "1") == "0":
     fast_linear._MM_OUT_DTYPE = False
 if os.environ.get("AB_FC1EDGE", "1") == "0":

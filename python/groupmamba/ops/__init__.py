@@ -3,7 +3,7 @@
 Linear with padded GEMMs and the stem's BatchNorm + ReLU."""
 from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
-from .fast_linear import linear
+from .fast_linear import dual_linear, linear
 from .modulation import add_layernorm_pool, layernorm_pool, modulate_layernorm
 from .naive import grouped_scan_naive
 from .norm import add_layer_norm, group_layer_norm
@@ -19,6 +19,7 @@ __all__ = [
     "add_layernorm_pool",
     "bn_relu",
     "check_scan_inputs",
+    "dual_linear",
     "dwconv_act",
     "group_layer_norm",
     "grouped_scan",
