@@ -5,13 +5,16 @@
 ``out_proj``; ``fc1``, ``fc2``, ``norm``, ``proj``, ``skip_scale``) but runs the four groups together:
 
     xn, pooled = LayerNorm(x), mean_L(LayerNorm(x))            layernorm_pool (+ xn in bf16 under autocast)
-    s          = sigmoid(fc2(relu(fc1(pooled))))               channel attention
+    s          = sigmoid(fc2(relu(fc1(pooled))))               channel attention (float32, autocast off)
     x, z       = grouped in_proj(xn)                           one GEMM each (block-diagonal or bmm)
     u          = SiLU(depthwise 3x3 conv over all 4d channels)
     y          = grouped_scan(u, ...)                          all four directions in one call
     y          = per-group LayerNorm(y) * SiLU(z)              stacked out_norm weights
     y          = grouped out_proj(y)
     out        = proj(LayerNorm(y * skip_scale * xn * s))      modulate_layernorm (same LayerNorm as xn)
+
+With the block-diagonal projections (CUDA) the groups' parameters are packed for all these steps by one
+autograd node (group_weights.py) instead of being stacked and cast step by step.
 
 ``fused=False`` runs the same math the way the official code does (one SS2D branch after another,
 flip/transpose copies via ``grouped_scan_naive``); it is the unfused baseline of the benchmarks.
