@@ -98,27 +98,16 @@ class _PackGroupWeights(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gw_x, gw_z, gw_out, *g_stacked):
+        # every incoming gradient is a tensor: autograd materializes an unused output's as zeros
         shapes, d, G = ctx.shapes, ctx.d, GROUPS
         sizes = [s.numel() for s in shapes]
-        total = sum(sizes)
-        ns = len(_STACKED) * G
-        n_stacked = sum(sizes[:ns])
-        ref = next(g for g in (gw_x, gw_z, gw_out, *g_stacked) if g is not None)
-        grad = torch.empty(total, dtype=torch.float32, device=ref.device)
-        parts = [(g if g is not None else torch.zeros(_stacked_shape(k, shapes[k * G]), device=ref.device)).reshape(-1)
-                 for k, g in enumerate(g_stacked)]
-        torch.cat(parts, out=grad[:n_stacked])
+        n_stacked = sum(sizes[:len(_STACKED) * G])
+        grad = torch.empty(sum(sizes), dtype=torch.float32, device=gw_x.device)
+        torch.cat([g.reshape(-1) for g in g_stacked], out=grad[:n_stacked])
         g_in = grad[n_stacked:n_stacked + G * 2 * d * d].view(G, 2, d, d)
         g_out = grad[n_stacked + G * 2 * d * d:].view(G, d, d)
-        for half, gw in ((0, gw_x), (1, gw_z)):
-            if gw is None:
-                g_in[:, half].zero_()
-            else:
-                g_in[:, half].copy_(gw.reshape(G, d, G, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1))
-        if gw_out is None:
-            g_out.zero_()
-        else:
-            g_out.copy_(gw_out.reshape(G, d, G, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1))
+        for dst, gw in ((g_in[:, 0], gw_x), (g_in[:, 1], gw_z), (g_out, gw_out)):
+            dst.copy_(gw.reshape(G, d, G, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1))   # the diagonal blocks
         outs, o = [], 0
         for s, n in zip(shapes, sizes):
             outs.append(grad[o:o + n].view(s))

@@ -198,17 +198,13 @@ class _DualLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g1, g2):
+        # both gradients are tensors: autograd materializes an unused output's as zeros
         x, w1, w2 = ctx.saved_tensors
+        g1, g2 = (g.reshape(-1, g.shape[-1]) for g in (g1, g2))
+        need_x, need_w1, need_w2 = ctx.needs_input_grad
+        gx = (g1 @ w1).addmm_(g2, w2).view(x.shape) if need_x else None
         x2 = x.reshape(-1, x.shape[-1])
-        gs = [None if g is None else g.reshape(-1, g.shape[-1]) for g in (g1, g2)]
-        gx = None
-        if ctx.needs_input_grad[0]:
-            for g, w in zip(gs, (w1, w2)):
-                if g is not None:
-                    gx = g @ w if gx is None else gx.addmm_(g, w)
-            gx = torch.zeros_like(x) if gx is None else gx.view(x.shape)
-        gw = [None if g is None or not ctx.needs_input_grad[i + 1] else g.t() @ x2 for i, g in enumerate(gs)]
-        return gx, gw[0], gw[1]
+        return gx, g1.t() @ x2 if need_w1 else None, g2.t() @ x2 if need_w2 else None
 
 
 def dual_linear(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor):
