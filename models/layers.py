@@ -135,7 +135,7 @@ class ConvFFN(nn.Module):
     would otherwise recompute once more, and inside a CUDA graph capture skips fc2's GEMM (its output is
     not needed, only its saved input; fast_linear.outputs_unused).
     fused (and fc1_bias_grad_from_conv): fc1 adds its bias detached, and the conv returns the bias's
-    gradient (ops.dwconv_act's x_bias: the sum of the conv's input gradient, from the image edges), so
+    gradient (ops.dwconv_act's x_bias: the sum of the conv's input gradient, added up by its dx pass), so
     fc1's backward has no bias column sum over the hidden-width gradient.
     """
 

@@ -8,8 +8,8 @@
   variants (recompute + aten.convolution_backward), on CPU tensors with TRITON_INTERPRET=1, in a
   subprocess; the number and kind of conv passes per weight-gradient method with and without an
   activation checkpoint (ConvFFN's recompute; bit-identical to the plain call with the same method);
-  empty inputs; x_bias's gradient (from the image edges of g) with every weight-gradient method, at image
-  sizes down to one row and one column.
+  empty inputs; x_bias's gradient (summed by the dx pass, or from cuDNN's dx) with every weight-gradient
+  method, at image sizes down to one row and one column, also when x itself needs no gradient.
 * GPU (@pytest.mark.gpu): fused vs float64 at the model's shapes (mixer C = 64 .. 512, FFN hidden up to
   1392), fp32 / bf16 / fp16, outputs poisoned first; x_bias at the FFN shapes; under bf16 autocast.
 * The kernels' activations (ops/triton_act.py: GELU, SiLU and their derivatives in few instructions)
@@ -158,18 +158,26 @@ def _interpret_checks():
         td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_programs=programs)
         inp = make(3, 7, 5, 40)
         compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter {programs} programs")
-    for shape, act, (bh, bc) in INTERPRET_CASES[:4]:     # x_bias: its gradient from the image edges of g
+    for shape, act, (bh, bc) in INTERPRET_CASES[:4]:     # x_bias: its gradient summed by the dx pass
         td.CONFIG.update(defaults, block_h=bh, block_c=bc)
         inp = make(*shape, x_bias=True)
         compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter x_bias {shape} {act}")
-    td.CONFIG.update(defaults, wgrad_programs=3)
-    saved_edge = td.EDGE_PROGRAMS
-    td.EDGE_PROGRAMS = 2         # several images per edge-sum program
-    for shape in ((5, 1, 7, 16), (3, 6, 1, 8), (4, 2, 2, 40), (5, 9, 4, 24)):   # one row, one column, 2 x 2
-        inp = make(*shape, x_bias=True)
-        compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter x_bias {shape}")
-    td.EDGE_PROGRAMS = saved_edge
+    # x_bias at one row, one column, 2 x 2, rows not a multiple of the tile; the dx pass's partial sums (2-row
+    # tiles: several per image) and cuDNN's dx summed by column_sum (triton_dgrad off)
+    for triton_dgrad in (True, False):
+        td.CONFIG.update(defaults, wgrad_programs=3, block_h=2, block_c=16, triton_dgrad=triton_dgrad)
+        for shape in ((5, 1, 7, 16), (3, 6, 1, 8), (4, 2, 2, 40), (5, 9, 4, 24)):
+            inp = make(*shape, x_bias=True)
+            compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4,
+                    f"interpreter x_bias {shape} triton_dgrad={triton_dgrad}")
     td.CONFIG.update(defaults)
+    # x_bias's gradient when x needs none: the dx pass still runs for its sums
+    inp = make(2, 5, 4, 24, x_bias=True)
+    want = hand64(inp, "gelu")["dx_bias"]
+    xb = inp["x_bias"].clone().requires_grad_()
+    x = (inp["x"] + xb.detach()).to(inp["x"].dtype)
+    (D.dwconv_act_fused(x, inp["weight"], inp["bias"], "gelu", x_bias=xb).double() * inp["g"].double()).sum().backward()
+    assert rel_err(xb.grad, want) <= 1e-5, rel_err(xb.grad, want)
     inp = make(2, 5, 5, 24, dtype=torch.bfloat16)
     res = run(D.dwconv_act_fused, inp, "gelu")
     compare(res, hand64(inp, "gelu"), 1e-2, 1e-2, "interpreter bf16")

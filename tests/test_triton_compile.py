@@ -115,7 +115,7 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
     from groupmamba.ops import triton_norm as tn
     kernel = getattr(tn, name)
     elems = tn.bwd_elems(M, G, d) if name == "_gln_bwd" else None   # the launchers' tiles
-    block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems)
+    block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems, backward=name == "_gln_bwd")
     consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True, HAS_RES=False,
                   HAS_SCALE=False)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
@@ -134,7 +134,7 @@ def test_add_norm_kernels_compile_for_sm90(name, M, d, scale):
     from groupmamba.ops import triton_norm as tn
     kernel = getattr(tn, name)
     elems = tn.bwd_elems(M, 1, d) if name == "_gln_bwd" else None
-    block_m, block_d, _, num_warps = tn.tiles(M, 1, d, elems)
+    block_m, block_d, _, num_warps = tn.tiles(M, 1, d, elems, backward=name == "_gln_bwd")
     consts = dict(G=1, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=False, SAVE_STATS=True, HAS_RES=True,
                   HAS_SCALE=scale)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
@@ -151,10 +151,12 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     block_h, block_c, num_warps = td.tiles(H, C, forward=True)
     kernel, ints = td._dwconv_fwd, ("H", "W", "CV", "NHB")
     vec = channel_split(C)[1]
-    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias)
-    for act_code, keep_pre, dx_pass in ((td.ACTS[fn], False, False), (td.ACTS[fn], True, False), (0, False, True)):
+    # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias),
+    # also with its sums of dx (x_bias's gradient)
+    for act_code, keep_pre, dx_pass, sum_out in ((td.ACTS[fn], False, False, False), (td.ACTS[fn], True, False, False),
+                                                 (0, False, True, False), (0, False, True, True)):
         consts = dict(ACT=act_code, STORE_PRE=keep_pre, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec,
-                      HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass)
+                      HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass, SUM_OUT=sum_out)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
     block_h, block_c, num_warps = td.tiles(H, C)
@@ -163,19 +165,6 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
         compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
                                 {"X", "GO", "G"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0 and ".target sm_90" in compiled.asm["ptx"]
-
-
-@pytest.mark.parametrize("act", ["*fp32", "*bf16"])
-@pytest.mark.parametrize("H,C", [(56, 768), (14, 1696), (7, 2048)])
-def test_dwconv_input_sum_kernels_compile_for_sm90(H, C, act):
-    """x_bias's gradient: the edge sums of g (in the activation dtype) and their combination with the taps."""
-    from groupmamba.ops import triton_dwconv as td
-    ints = {k: "i32" for k in ("B", "H", "W", "CV", "PER_PROGRAM")}
-    consts = dict(BLOCK_E=triton.next_power_of_2(H), BLOCK_C=32, VEC=channel_split(C)[1])
-    compiled = compile_sm90(td._dwconv_edge_sums, consts, ints, {"G"}, act, 4)
-    assert len(compiled.asm["cubin"]) > 0
-    compiled = compile_sm90(td._dwconv_input_sum, dict(BLOCK_P=64, BLOCK_C=32), {"P": "i32", "C": "i32"}, (), F32, 4)
-    assert ".target sm_90" in compiled.asm["ptx"]
 
 
 @pytest.mark.parametrize("act", ["*fp32", "*bf16"])

@@ -7,9 +7,8 @@ conv + SiLU and the ConvFFN's dwconv + GELU).
         passed to it detached); this op then returns its gradient, the sum of x's gradient over (B, H, W)
 
 Same function as act(F.conv2d(x in NCHW, weight, bias, padding=1, groups=C)) returned as (B, H, W, C).
-x_bias is for ConvFFN's fc1: the fused backward gets that sum from the image edges of the pre-activation's
-gradient (triton_dwconv._input_sum), two small kernels instead of fc1's bias column sum over its whole
-hidden-width output gradient.
+x_bias is for ConvFFN's fc1: the fused backward's dx pass adds up that sum as it writes dx, instead of fc1's
+bias column sum, a pass over its whole hidden-width output gradient.
 CUDA tensors (float32 / bfloat16 / float16) with Triton importable, eagerly: the fused Triton kernel of
 triton_dwconv.py (one pass instead of conv, bias add and activation). Otherwise (CPU, float64, under
 torch.compile, which fuses the bias and activation itself, or GROUPMAMBA_FORCE_REFERENCE=1): the torch

@@ -23,11 +23,10 @@ Backward (autograd.Function), all Triton by default; CONFIG picks each piece:
   the activation backward, then cuDNN's NHWC depthwise wgrad;
 - dx: this file's forward kernel over g with the taps rotated by 180 degrees (a depthwise conv's input
   gradient is its transposed stencil), no bias, no activation (triton_dgrad=False: cuDNN's dgrad).
-- x_bias (a bias already inside x): its gradient, dx summed over every position, is sum_ij t_ij * S_ij
-  with S_ij the sum of g over the outputs whose tap (i, j) falls inside the image; S_ij is g's total minus
-  its sums over the image's first / last row / column (plus a corner). _dwconv_edge_sums reads only those
-  edges, _dwconv_input_sum combines them with the taps (B training step, H200: 1051.7 / 1050.9 img/s against
-  1046.4 with fc1's own bias column sum, same call, BENCHMARKS.md twelfth set).
+- x_bias (a bias already inside x): its gradient is dx summed over every position, which the dx pass adds up
+  as it writes dx (per-program partial rows, then column_sum). B training step, H200, same call: 1085.3 img/s
+  against 1078.4 with the earlier way, two kernels that read the image edges of g and combined their sums
+  with the taps (36 us a call; BENCHMARKS.md, fourteenth set), which had replaced fc1's own bias column sum.
 Of the activations only x is saved, not the conv output. Inside ``keep_preactivation()`` (ConvFFN's
 checkpoint recompute, which runs right before this backward) the forward also stores the pre-activation
 and saves it, so the backward needs no recompute: the FFN's conv forward runs twice per step (plus the
@@ -50,7 +49,6 @@ from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
-EDGE_PROGRAMS = 64   # at most this many image groups in _dwconv_edge_sums (its partial rows)
 # block_h x block_c: output rows x channels per program (channels capped at C's next power of two); None:
 # 4 x 128 for H >= 28; below, 8 x 64 for the forward kernel (the forward and the dx pass: 105 vs 111 us at
 # GroupMamba-B's stage-3 FFN conv, 38 vs 46 at 7x7, in the H200 sweep of benchmarks/bench_dwconv.py
@@ -105,6 +103,7 @@ def _out_col(obase, pbase, off, m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7
     elif ACT == 2:
         acc = gelu(acc)
     tl.store(obase + off + w * C, acc.to(obase.dtype.element_ty), mask=m & (w < W))
+    return acc
 
 
 @triton.jit
@@ -146,11 +145,12 @@ def _taps_bias(WT, Bias, C, cs, cok, HAS_BIAS: tl.constexpr = True, FLIP: tl.con
 
 
 @triton.jit(do_not_specialize=["H", "W", "CV", "NHB"])
-def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, CV, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
+def _dwconv_fwd(X, WT, Bias, OUT, PRE, PSUM, H, W, CV, NHB, ACT: tl.constexpr, STORE_PRE: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr, HAS_BIAS: tl.constexpr = True,
-                FLIP_TAPS: tl.constexpr = False):
+                FLIP_TAPS: tl.constexpr = False, SUM_OUT: tl.constexpr = False):
     """act(conv + bias) for a tile of BLOCK_H rows x BLOCK_C channels; see the module docstring. FLIP_TAPS
-    and no HAS_BIAS: the backward's dx pass (the taps rotated by 180 degrees, no bias)."""
+    and no HAS_BIAS: the backward's dx pass (the taps rotated by 180 degrees, no bias). SUM_OUT: also this
+    program's fp32 column sums of its outputs (unrounded), one row of PSUM per program (row pid, C wide)."""
     C = CV * VEC  # see _util.channel_split
     pid = tl.program_id(0)
     b = pid // NHB
@@ -176,19 +176,25 @@ def _dwconv_fwd(X, WT, Bias, OUT, PRE, H, W, CV, NHB, ACT: tl.constexpr, STORE_P
     cu, cm, cd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, 1, W, C)
     obase = OUT + image
     pbase = PRE + image
+    osum = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
     for w in range(0, W, 3):
         du, dm, dd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 2, W, C)
         eu, em, ed = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 3, W, C)
         fu, fm, fd = _col3(img, off_u, off_m, off_d, m_u, m_m, m_d, w + 4, W, C)
-        _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                 au, bu, cu, am, bm, cm, ad, bd, cd, ACT, STORE_PRE)
-        _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                 bu, cu, du, bm, cm, dm, bd, cd, dd, ACT, STORE_PRE)
-        _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
-                 cu, du, eu, cm, dm, em, cd, dd, ed, ACT, STORE_PRE)
+        o0 = _out_col(obase, pbase, off_m, m_m, w, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                      au, bu, cu, am, bm, cm, ad, bd, cd, ACT, STORE_PRE)
+        o1 = _out_col(obase, pbase, off_m, m_m, w + 1, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                      bu, cu, du, bm, cm, dm, bd, cd, dd, ACT, STORE_PRE)
+        o2 = _out_col(obase, pbase, off_m, m_m, w + 2, W, C, bias, t0, t1, t2, t3, t4, t5, t6, t7, t8,
+                      cu, du, eu, cm, dm, em, cd, dd, ed, ACT, STORE_PRE)
+        if SUM_OUT:   # outputs outside the image (rows >= H, columns >= W) are not zero: masked out
+            osum += (tl.where(m_m & (w < W), o0, 0.0) + tl.where(m_m & (w + 1 < W), o1, 0.0)
+                     + tl.where(m_m & (w + 2 < W), o2, 0.0))
         au, am, ad = du, dm, dd
         bu, bm, bd = eu, em, ed
         cu, cm, cd = fu, fm, fd
+    if SUM_OUT:
+        tl.store(PSUM + pid.to(tl.int64) * C + cs, tl.sum(osum, axis=0), mask=cok)
 
 
 @triton.jit
@@ -265,91 +271,6 @@ def _dwconv_wgrad(X, GO, WT, Bias, G, DWP, H, W, CV, NHB, NRB, PER_PROGRAM, ACT:
     tl.store(pbase + 9 * C, tl.sum(a9, axis=0), mask=cok)
 
 
-@triton.jit(do_not_specialize=["B", "H", "W", "CV", "PER_PROGRAM"])
-def _dwconv_edge_sums(G, PART, B, H, W, CV, PER_PROGRAM, BLOCK_E: tl.constexpr, BLOCK_C: tl.constexpr,
-                      VEC: tl.constexpr):
-    """PART[p, e, c], e = 0..7: the sums of G over images p * PER_PROGRAM ... of its row 0, row H - 1,
-    column 0, column W - 1, and its corners (0, 0), (0, W - 1), (H - 1, 0), (H - 1, W - 1). BLOCK_E >= H, W."""
-    C = CV * VEC  # see _util.channel_split
-    pid = tl.program_id(0)
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cok = cs < C
-    e = tl.arange(0, BLOCK_E)
-    mw = (e < W)[:, None] & cok[None, :]
-    mh = (e < H)[:, None] & cok[None, :]
-    top = tl.zeros((BLOCK_E, BLOCK_C), dtype=tl.float32)
-    bot, left, right = top, top, top
-    for i in range(0, PER_PROGRAM):
-        b = pid * PER_PROGRAM + i
-        ok = b < B                                  # the last program's images may run out
-        img = G + b.to(tl.int64) * H * W * C
-        top += tl.load(img + (e * C)[:, None] + cs[None, :], mask=mw & ok, other=0.0).to(tl.float32)
-        bot += tl.load(img + (((H - 1) * W + e) * C)[:, None] + cs[None, :], mask=mw & ok, other=0.0).to(tl.float32)
-        left += tl.load(img + (e * W * C)[:, None] + cs[None, :], mask=mh & ok, other=0.0).to(tl.float32)
-        right += tl.load(img + ((e * W + W - 1) * C)[:, None] + cs[None, :], mask=mh & ok, other=0.0).to(tl.float32)
-    out = PART + pid.to(tl.int64) * 8 * C + cs
-    first, last = (e == 0)[:, None], (e == W - 1)[:, None]
-    tl.store(out + 0 * C, tl.sum(top, axis=0), mask=cok)
-    tl.store(out + 1 * C, tl.sum(bot, axis=0), mask=cok)
-    tl.store(out + 2 * C, tl.sum(left, axis=0), mask=cok)
-    tl.store(out + 3 * C, tl.sum(right, axis=0), mask=cok)
-    tl.store(out + 4 * C, tl.sum(tl.where(first, top, 0.0), axis=0), mask=cok)
-    tl.store(out + 5 * C, tl.sum(tl.where(last, top, 0.0), axis=0), mask=cok)
-    tl.store(out + 6 * C, tl.sum(tl.where(first, bot, 0.0), axis=0), mask=cok)
-    tl.store(out + 7 * C, tl.sum(tl.where(last, bot, 0.0), axis=0), mask=cok)
-
-
-@triton.jit(do_not_specialize=["P", "C"])
-def _dwconv_input_sum(PART, WT, GSUM, OUT, P, C, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT[c] = the sum of dx over every position, for dx the conv's input gradient, from g's total GSUM and
-    the edge sums PART (P rows of 8, _dwconv_edge_sums): tap (i, j) of output q reads input q + (i - 1, j - 1),
-    so dx summed over the image is sum_ij t_ij * S_ij, S_ij = the sum of g over the outputs whose tap (i, j)
-    lands inside the image: G minus row 0 (i = 0) / row H - 1 (i = 2) / column 0 (j = 0) / column W - 1
-    (j = 2), plus the corner subtracted twice."""
-    cs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cok = cs < C
-    ps = tl.arange(0, BLOCK_P)
-    m = (ps < P)[:, None] & cok[None, :]
-    base = PART + (ps * 8 * C)[:, None] + cs[None, :]
-    r_top = tl.sum(tl.load(base + 0 * C, mask=m, other=0.0), axis=0)
-    r_bot = tl.sum(tl.load(base + 1 * C, mask=m, other=0.0), axis=0)
-    c_left = tl.sum(tl.load(base + 2 * C, mask=m, other=0.0), axis=0)
-    c_right = tl.sum(tl.load(base + 3 * C, mask=m, other=0.0), axis=0)
-    g00 = tl.sum(tl.load(base + 4 * C, mask=m, other=0.0), axis=0)
-    g0w = tl.sum(tl.load(base + 5 * C, mask=m, other=0.0), axis=0)
-    gh0 = tl.sum(tl.load(base + 6 * C, mask=m, other=0.0), axis=0)
-    ghw = tl.sum(tl.load(base + 7 * C, mask=m, other=0.0), axis=0)
-    t0, t1, t2, t3, t4, t5, t6, t7, t8, _ = _taps_bias(WT, WT, C, cs, cok, False, False)
-    g = tl.load(GSUM + cs, mask=cok, other=0.0)[None, :]
-    total = t0 + t1 + t2 + t3 + t4 + t5 + t6 + t7 + t8
-    res = (total * g - (t0 + t1 + t2) * r_top[None, :] - (t6 + t7 + t8) * r_bot[None, :]
-           - (t0 + t3 + t6) * c_left[None, :] - (t2 + t5 + t8) * c_right[None, :] + t0 * g00[None, :]
-           + t2 * g0w[None, :] + t6 * gh0[None, :] + t8 * ghw[None, :])
-    res = tl.sum(res, axis=0)     # the (1, BLOCK_C) rows of _taps_bias, back to (BLOCK_C,)
-    tl.store(OUT + cs, res, mask=cok)
-
-
-def _input_sum(g, taps, g_total):
-    """The sum over (B, H, W) of the conv's input gradient (the dx pass's output), from g = the gradient of
-    the pre-activation (B, H, W, C), the taps (9, C) and g's own float32 sum (C,): two small kernels that
-    read the image edges of g instead of a pass over dx (see _dwconv_input_sum)."""
-    B, H, W, C = g.shape
-    block_c = 32
-    programs = min(B, EDGE_PROGRAMS)
-    per_program = triton.cdiv(B, programs)
-    programs = triton.cdiv(B, per_program)
-    part = torch.empty((programs, 8, C), device=g.device, dtype=torch.float32)
-    cv, vec = channel_split(C)
-    _dwconv_edge_sums[(programs, triton.cdiv(C, block_c))](
-        g, part, B, H, W, cv, per_program, BLOCK_E=max(16, triton.next_power_of_2(max(H, W))), BLOCK_C=block_c,
-        VEC=vec, num_warps=4)
-    out = torch.empty(C, device=g.device, dtype=torch.float32)
-    _dwconv_input_sum[(triton.cdiv(C, block_c),)](part, taps, g_total, out, programs, C,
-                                                  BLOCK_P=max(16, triton.next_power_of_2(programs)),
-                                                  BLOCK_C=block_c, num_warps=4)
-    return out
-
-
 def _check_size(x):
     B, H, W, C = x.shape
     if (H + 1) * W * C >= 2 ** 31:  # offsets inside one image are 32-bit (the image base is 64-bit)
@@ -357,19 +278,24 @@ def _check_size(x):
                          "(32-bit offsets inside one image); split the image")
 
 
-def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = False):
-    """act(conv(x) + bias); with keep_pre, (that, the pre-activation conv(x) + bias) from one pass.
+def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = False, sum_out: bool = False):
+    """act(conv(x) + bias); with keep_pre, (that, the pre-activation conv(x) + bias) from one pass; with
+    sum_out, (that, its float32 sum over (B, H, W)), the sum from per-program partial rows (column_sum).
     bias None: no bias; flip_taps: the taps rotated by 180 degrees (read in reverse, no copy)."""
     B, H, W, C = x.shape
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
+    bh, bc, nw = tiles(H, C, forward=True)
+    nhb = triton.cdiv(H, bh)
+    psum = torch.empty((B * nhb, C), device=x.device, dtype=torch.float32) if sum_out else out   # else a placeholder
     if out.numel():
-        bh, bc, nw = tiles(H, C, forward=True)
-        nhb = triton.cdiv(H, bh)
         cv, vec = channel_split(C)
-        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, H, W, cv, nhb,
-                                                   ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc, VEC=vec,
-                                                   HAS_BIAS=bias is not None, FLIP_TAPS=flip_taps, num_warps=nw)
+        _dwconv_fwd[(B * nhb, triton.cdiv(C, bc))](x, taps, taps if bias is None else bias, out, pre, psum, H, W, cv,
+                                                   nhb, ACT=ACTS[act], STORE_PRE=keep_pre, BLOCK_H=bh, BLOCK_C=bc,
+                                                   VEC=vec, HAS_BIAS=bias is not None, FLIP_TAPS=flip_taps,
+                                                   SUM_OUT=sum_out, num_warps=nw)
+    if sum_out:
+        return out, column_sum(psum) if psum.numel() else torch.zeros(C, device=x.device, dtype=torch.float32)
     return (out, pre) if keep_pre else out
 
 
@@ -409,7 +335,8 @@ def _taps(weight):
 
 class DWConvAct(torch.autograd.Function):
     """act(conv(x) + bias); x_bias (C,) or None: a bias already inside x (the producing Linear's, added
-    there without a gradient), whose gradient, the sum of dx over the image, this op returns (_input_sum)."""
+    there without a gradient), whose gradient, the sum of dx over the image, this op returns (the dx pass's
+    own sums)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, act, x_bias=None):
@@ -462,11 +389,16 @@ class DWConvAct(torch.autograd.Function):
                 db = db_pass if db is None else db
         if method != "cudnn" and ctx.needs_input_grad[1]:
             dw = dtaps.t().reshape(weight.shape)
-        dx = None
-        want_dx = ctx.needs_input_grad[0]
+        dx = d_xb = None
+        # x_bias's gradient is dx summed over (B, H, W): dx is computed for it even when x needs no gradient
+        want_dx = ctx.needs_input_grad[0] or want_xb
         if want_dx and CONFIG["triton_dgrad"]:
-            # dx is the same stencil over gpre with the taps rotated by 180 degrees, no bias
-            dx = _conv(gpre, taps, None, "none", flip_taps=True)
+            # dx is the same stencil over gpre with the taps rotated by 180 degrees, no bias; the same pass adds
+            # up x_bias's gradient as it goes
+            if want_xb:
+                dx, d_xb = _conv(gpre, taps, None, "none", flip_taps=True, sum_out=True)
+            else:
+                dx = _conv(gpre, taps, None, "none", flip_taps=True)
             want_dx = False
         if want_dx or (method == "cudnn" and ctx.needs_input_grad[1]):
             nchw = lambda t: t.permute(0, 3, 1, 2)  # noqa: E731  (channels_last views, no copies)
@@ -475,12 +407,14 @@ class DWConvAct(torch.autograd.Function):
                 [want_dx, method == "cudnn" and ctx.needs_input_grad[1], False])
             if want_dx:
                 dx = dx_cudnn.permute(0, 2, 3, 1)
+                d_xb = column_sum(dx.reshape(-1, C)) if want_xb else None
             if method == "cudnn":
                 dw = dw_cudnn
-        # g's sum (the bias gradient, and x_bias's needs it) with the Triton column sum instead of cuDNN/torch's
-        # reduction, when no pass above made it
-        if db is None and (need[2] or want_xb):
+        # g's sum (the bias gradient) with the Triton column sum instead of cuDNN/torch's reduction, when no
+        # pass above made it
+        if db is None and need[2]:
             db = column_sum(gpre.reshape(-1, C))
-        d_xb = _input_sum(gpre, taps, db).to(ctx.x_bias_dtype) if want_xb else None
+        d_xb = d_xb.to(ctx.x_bias_dtype) if want_xb else None
         db = db.to(bias.dtype) if need[2] else None
+        dx = dx if ctx.needs_input_grad[0] else None
         return dx, None if dw is None else dw.to(weight.dtype), db, None, d_xb

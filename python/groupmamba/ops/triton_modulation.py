@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._util import channel_split, identity as _identity, use_library_ops
+from ._util import channel_split, identity as _identity, tile_warps, use_library_ops
 from .triton_colsum import column_sum, sum_middle
 
 NAMESPACE = "groupmamba_triton"
@@ -48,8 +48,8 @@ def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
     elems = elems or AUTO_ELEMS(block_c, backward)
     block_l = max(1, min(triton.next_power_of_2(L), elems // block_c))
     n_tiles = triton.cdiv(L, block_l)
-    num_warps = 4 if block_l * block_c <= 2048 else 8
-    return block_l, block_c, n_tiles, num_warps
+    return block_l, block_c, n_tiles, tile_warps(block_l * block_c, backward)
+
 
 
 # ----------------------------------------------------------------------------------------------
