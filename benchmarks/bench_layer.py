@@ -93,7 +93,7 @@ def fast_parts(layer: GroupMambaLayer, H: int, W: int):
 
     return [
         ("layernorm_pool", lambda x: layernorm_pool(x, norm.weight, norm.bias, norm.eps), ["x"], ["xn", "pooled"]),
-        ("channel_attn (fc1/fc2)", lambda p: layer.sigmoid(layer.fc2(layer.relu(layer.fc1(p)))), ["pooled"], ["s"]),
+        ("channel_attn (fc1/fc2)", layer.channel_attention, ["pooled"], ["s"]),
         ("in_proj", in_proj, ["xn"], ["xp", "z"]),
         ("conv+silu", layer.conv_silu, ["xp"], ["u"]),
         ("grouped_scan", layer.grouped_scan, ["u"], ["y"]),

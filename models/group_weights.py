@@ -1,8 +1,10 @@
-"""The four SS2D groups' parameters in the layouts the fused mixer ops take, built by one autograd node.
+"""The four SS2D groups' parameters in the layouts the fused mixer ops take (GroupWeights), built by one
+autograd node (pack_group_weights, the CUDA training path) or by plain torch ops (stack_group_weights).
 
 The mixer runs the four groups together, so every step it needs their parameters stacked (scan, conv,
 out_norm) and its two projections as block-diagonal matrices in the autocast dtype. Built from the 44
-parameters with torch.stack / cat / block_diagonal / casts, that is about 18 small kernels forward and 17
+parameters with torch.stack / cat / block_diagonal / casts (stack_group_weights: float64 and 16-bit
+parameters, torch.compile, which fuses them, and the bmm projections), that is about 18 small kernels forward and 17
 backward per layer (the backward's block extraction, casts and AccumulateGrad's copies of non-contiguous
 gradients): on GroupMamba-B's CUDA-graph training step, most of ~4000 kernels of under 6 us
 (BENCHMARKS.md, thirteenth set).
@@ -16,9 +18,11 @@ autograd stores as the parameter's .grad without another copy.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
+
+from groupmamba.ops._util import autocast_dtype
 
 GROUPS = 4
 
@@ -39,11 +43,11 @@ _STACKED = (
 _PROJ = ("in_proj.weight", "out_proj.weight")   # (2d, d), (d, d)
 
 
-class PackedGroupWeights(NamedTuple):
-    w_x: torch.Tensor      # (C, C) block-diagonal: the x half of every group's in_proj, in ``dtype``
-    w_z: torch.Tensor      # (C, C) block-diagonal: the z half
-    w_out: torch.Tensor    # (C, C) block-diagonal out_proj
-    conv_w: torch.Tensor   # (C, 1, 3, 3) float32
+class GroupWeights(NamedTuple):
+    w_x: Optional[torch.Tensor]     # (C, C) block-diagonal: the x half of every group's in_proj (None: the
+    w_z: Optional[torch.Tensor]     # (C, C) block-diagonal: the z half               bmm projections, which
+    w_out: Optional[torch.Tensor]   # (C, C) block-diagonal out_proj                  stack their own)
+    conv_w: torch.Tensor   # (C, 1, 3, 3)
     conv_b: torch.Tensor   # (C,)
     x_proj: torch.Tensor   # (4, R+2N, d)
     dt_w: torch.Tensor     # (4, d, R)
@@ -52,6 +56,17 @@ class PackedGroupWeights(NamedTuple):
     D: torch.Tensor        # (4, d)
     norm_w: torch.Tensor   # (4, d)
     norm_b: torch.Tensor   # (4, d)
+
+
+_SCAN = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")   # grouped_scan's order
+
+
+def block_diagonal(w: torch.Tensor) -> torch.Tensor:
+    """(*lead, G, o, i) -> (*lead, G*o, G*i) block-diagonal matrices (two kernels, differentiable)."""
+    *lead, G, o, i = w.shape
+    out = w.new_zeros(*lead, G, o, G, i)
+    out.diagonal(dim1=-4, dim2=-2).copy_(w.movedim(-3, -1))
+    return out.reshape(*lead, G * o, G * i)
 
 
 def _param(module: torch.nn.Module, path: str) -> torch.Tensor:
@@ -63,6 +78,37 @@ def _param(module: torch.nn.Module, path: str) -> torch.Tensor:
 def group_parameters(groups) -> list:
     """The 44 parameters in buffer order: kind by kind, group 1..4 within a kind."""
     return [_param(g, path) for path in [p for p, _ in _STACKED] + list(_PROJ) for g in groups]
+
+
+def _join(groups, path: str, how: str) -> torch.Tensor:
+    params = [_param(g, path) for g in groups]
+    return torch.cat(params) if how == "cat" else torch.stack(params)
+
+
+def scan_params(groups, dtype_like: torch.Tensor) -> tuple:
+    """The four groups' scan parameters joined to grouped_scan's (4, ...) layout, in float64 for a float64
+    dtype_like and float32 otherwise."""
+    want = torch.float64 if dtype_like.dtype == torch.float64 else torch.float32
+    how = dict(_STACKED)
+    return tuple(p if p.dtype == want else p.to(want) for p in (_join(groups, k, how[k]) for k in _SCAN))
+
+
+def stack_group_weights(groups, x: torch.Tensor, blockdiag: bool) -> GroupWeights:
+    """The GroupWeights for input x by separate torch ops per kind (any parameter dtype; traceable by
+    torch.compile): the scan parameters as scan_params gives them, the block-diagonal projections (blockdiag;
+    else None) in the autocast dtype when autocast is on (the cast autocast would make), else the parameters'."""
+    joined = {path: _join(groups, path, how) for path, how in _STACKED if path not in _SCAN}
+    w_x = w_z = w_out = None
+    if blockdiag:
+        d = groups[0].d
+        w_in = torch.stack([g.in_proj.weight for g in groups])          # (4, 2d, d): rows [x | z]
+        w_x, w_z = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))
+        w_out = block_diagonal(torch.stack([g.out_proj.weight for g in groups]))
+        dt = autocast_dtype(x)
+        if dt is not None:
+            w_x, w_z, w_out = w_x.to(dt), w_z.to(dt), w_out.to(dt)
+    return GroupWeights(w_x, w_z, w_out, joined["conv2d.weight"], joined["conv2d.bias"], *scan_params(groups, x),
+                        joined["out_norm.weight"], joined["out_norm.bias"])
 
 
 def _stacked_shape(k: int, shape) -> tuple:
@@ -115,12 +161,12 @@ class _PackGroupWeights(torch.autograd.Function):
         return (None, *outs)
 
 
-def pack_group_weights(groups, dtype: torch.dtype) -> PackedGroupWeights:
-    """The four GroupSS2D modules' parameters as PackedGroupWeights, the projections in ``dtype``.
+def pack_group_weights(groups, dtype: torch.dtype) -> GroupWeights:
+    """The four GroupSS2D modules' parameters as GroupWeights, the projections in ``dtype``.
 
     Every parameter must be float32 and on one device (the fused CUDA path's case)."""
     params = group_parameters(groups)
     bad = sorted({(str(p.dtype), str(p.device)) for p in params} - {("torch.float32", str(params[0].device))})
     if bad:
         raise ValueError(f"pack_group_weights: parameters must be float32 on one device, found {bad}")
-    return PackedGroupWeights(*_PackGroupWeights.apply(dtype, *params))
+    return GroupWeights(*_PackGroupWeights.apply(dtype, *params))

@@ -13,8 +13,8 @@
     y          = grouped out_proj(y)
     out        = proj(LayerNorm(y * skip_scale * xn * s))      modulate_layernorm (same LayerNorm as xn)
 
-With the block-diagonal projections (CUDA) the groups' parameters are packed for all these steps by one
-autograd node (group_weights.py) instead of being stacked and cast step by step.
+The steps share the groups' parameters joined once per call (group_weights.py): with the block-diagonal
+projections (CUDA) and float32 parameters packed by one autograd node, otherwise stacked by torch ops.
 
 ``fused=False`` runs the same math the way the official code does (one SS2D branch after another,
 flip/transpose copies via ``grouped_scan_naive``); it is the unfused baseline of the benchmarks.
@@ -30,19 +30,11 @@ from groupmamba.ops import (add_layernorm_pool, dual_linear, dwconv_act, group_l
                             grouped_scan_naive, layernorm_pool, linear, modulate_layernorm, residual_add)
 from groupmamba.ops._util import autocast_dtype
 
-from .group_weights import PackedGroupWeights, pack_group_weights
+from .group_weights import GroupWeights, pack_group_weights, scan_params, stack_group_weights
 from .layers import Linear
 
 GROUPS = 4
 PROJ_IMPLS = ("auto", "blockdiag", "bmm")
-
-
-def block_diagonal(w: torch.Tensor) -> torch.Tensor:
-    """(*lead, G, o, i) -> (*lead, G*o, G*i) block-diagonal matrices (two kernels, differentiable)."""
-    *lead, G, o, i = w.shape
-    out = w.new_zeros(*lead, G, o, G, i)
-    out.diagonal(dim1=-4, dim2=-2).copy_(w.movedim(-3, -1))
-    return out.reshape(*lead, G * o, G * i)
 
 
 def grouped_linear_bmm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -92,19 +84,6 @@ class GroupSS2D(nn.Module):
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         for p in (self.A_logs, self.Ds):
             p._no_weight_decay = True
-
-
-def _scan_params(groups, dtype_like: torch.Tensor):
-    """The four groups' scan parameters stacked to grouped_scan's (4, ...) layout."""
-    params = (
-        torch.cat([g.x_proj_weight for g in groups]),     # (4, R+2N, d)
-        torch.cat([g.dt_projs_weight for g in groups]),   # (4, d, R)
-        torch.cat([g.dt_projs_bias for g in groups]),     # (4, d)
-        torch.stack([g.A_logs for g in groups]),          # (4, d, N)
-        torch.stack([g.Ds for g in groups]),              # (4, d)
-    )
-    want = torch.float64 if dtype_like.dtype == torch.float64 else torch.float32
-    return tuple(p if p.dtype == want else p.to(want) for p in params)
 
 
 class GroupMambaLayer(nn.Module):
@@ -205,78 +184,67 @@ class GroupMambaLayer(nn.Module):
     def _mix_fused(self, xn: torch.Tensor) -> torch.Tensor:
         """xn (B, H, W, C) -> the four groups' SS2D outputs concatenated, (B, H, W, C).
 
-        Each step is a method of its own so benchmarks/bench_layer.py can time them one by one; ``w``, the
-        groups' weights packed by one autograd node (group_weights.py), is passed where that path applies."""
-        w = self._packed_weights(xn)
+        Each step is a method of its own so benchmarks/bench_layer.py can time them one by one; they share
+        the groups' weights ``w`` (group_weights), which a step called alone builds itself."""
+        w = self.group_weights(xn)
         x, z = self.grouped_in_proj(xn, w)
         y = self.grouped_scan(self.conv_silu(x, w), w)
         return self.grouped_out_proj(self.out_norm_gate(y, z, w), w)
 
-    def _packed_weights(self, x: torch.Tensor) -> PackedGroupWeights | None:
+    def group_weights(self, x: torch.Tensor) -> GroupWeights:
+        """The groups' parameters in the fused ops' layouts for input x: packed by one autograd node where
+        that applies (_packed_weights), else stacked by torch ops (stack_group_weights)."""
+        w = self._packed_weights(x)
+        return w if w is not None else stack_group_weights(self.groups, x, self._use_blockdiag(x))
+
+    def _packed_weights(self, x: torch.Tensor) -> GroupWeights | None:
         """The groups' parameters packed in 4 kernels (forward and backward) instead of ~35, for the
-        block-diagonal projections (CUDA) with float32 parameters; None elsewhere (each method then stacks
-        its own). Not under torch.compile, which fuses the stacking itself."""
+        block-diagonal projections (CUDA) with float32 parameters; None elsewhere. Not under torch.compile,
+        which fuses the stacking itself."""
         if not self._use_blockdiag(x) or torch.compiler.is_compiling() or x.dtype == torch.float64:
             return None
         if any(p.dtype != torch.float32 for p in (self.mamba_g1.in_proj.weight, self.mamba_g1.Ds)):
             return None
         return pack_group_weights(self.groups, autocast_dtype(x) or x.dtype)
 
-    def grouped_in_proj(self, xn: torch.Tensor, w: PackedGroupWeights | None = None):
+    def grouped_in_proj(self, xn: torch.Tensor, w: GroupWeights | None = None):
         """(B, H, W, C) -> x, z (B, H, W, C): every group's in_proj in one GEMM."""
+        w = self.group_weights(xn) if w is None else w
+        if w.w_x is not None:
+            if xn.dtype != w.w_x.dtype:
+                # Cast once for both GEMMs. Autocast casts a non-leaf input anew at every call, so each
+                # GEMM would make, and keep for its weight gradient, a copy of its own: 0.32 GiB of
+                # GroupMamba-T's training peak at B=128 (H200, BENCHMARKS.md). (forward() passes
+                # layernorm_pool's copy in the autocast dtype, so this cast is for other callers.)
+                xn = xn.to(w.w_x.dtype)
+            return dual_linear(xn, w.w_x, w.w_z)
         B, H, W, C = xn.shape
         d = C // GROUPS
-        if w is not None:
-            if xn.dtype != w.w_x.dtype:
-                xn = xn.to(w.w_x.dtype)   # once for both GEMMs (see below)
-            return dual_linear(xn, w.w_x, w.w_z)
-        w_in = torch.stack([g.in_proj.weight for g in self.groups])     # (4, 2d, d): rows [x | z]
-        if self._use_blockdiag(xn):
-            w_xz = block_diagonal(w_in.view(GROUPS, 2, d, d).transpose(0, 1))  # (2, C, C)
-            dt = autocast_dtype(xn)
-            if dt is not None and xn.dtype != dt:
-                # Cast once for both GEMMs. Autocast casts a non-leaf input anew at every call, so
-                # each GEMM would make, and keep for its weight gradient, a copy of its own: 0.32 GiB
-                # of GroupMamba-T's training peak at B=128 (H200, BENCHMARKS.md). (forward() passes
-                # layernorm_pool's copy in the autocast dtype, so this cast is for other callers.)
-                xn = xn.to(dt)
-            return linear(xn, w_xz[0]), linear(xn, w_xz[1])
-        xz = grouped_linear_bmm(xn, w_in)                               # (4, M, 2d)
+        xz = grouped_linear_bmm(xn, torch.stack([g.in_proj.weight for g in self.groups]))   # (4, M, 2d)
         return ungroup(xz[..., :d], (B, H, W)), ungroup(xz[..., d:], (B, H, W))
 
-    def conv_silu(self, x: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
+    def conv_silu(self, x: torch.Tensor, w: GroupWeights | None = None) -> torch.Tensor:
         """SiLU(depthwise 3x3 conv) over all 4d channels at once (the groups' kernels concatenated)."""
-        if w is not None:
-            return dwconv_act(x, w.conv_w, w.conv_b, "silu")
-        conv_w = torch.cat([g.conv2d.weight for g in self.groups])      # (C, 1, k, k)
-        conv_b = torch.cat([g.conv2d.bias for g in self.groups])
-        return dwconv_act(x, conv_w, conv_b, "silu")
+        w = self.group_weights(x) if w is None else w
+        return dwconv_act(x, w.conv_w, w.conv_b, "silu")
 
-    def grouped_scan(self, u: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
+    def grouped_scan(self, u: torch.Tensor, w: GroupWeights | None = None) -> torch.Tensor:
         """The four directional scans in one call, (B, H, W, C) -> (B, H, W, C)."""
-        if w is not None:
-            return grouped_scan(u, w.x_proj, w.dt_w, w.dt_b, w.A_log, w.D)
-        return grouped_scan(u, *_scan_params(self.groups, u))
+        w = self.group_weights(u) if w is None else w
+        return grouped_scan(u, w.x_proj, w.dt_w, w.dt_b, w.A_log, w.D)
 
-    def out_norm_gate(self, y: torch.Tensor, z: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
+    def out_norm_gate(self, y: torch.Tensor, z: torch.Tensor, w: GroupWeights | None = None) -> torch.Tensor:
         """Per-group out_norm times SiLU(z), one fused op (stacked weights). Under autocast the result is
         already in the autocast dtype: its only consumer is out_proj, whose input cast rounds the same."""
-        groups = self.groups
-        if w is not None:
-            norm_w, norm_b = w.norm_w, w.norm_b
-        else:
-            norm_w = torch.stack([g.out_norm.weight for g in groups])   # (4, d)
-            norm_b = torch.stack([g.out_norm.bias for g in groups])
-        return group_layer_norm(y, norm_w, norm_b, groups[0].out_norm.eps, gate=z, out_dtype=autocast_dtype(y))
+        w = self.group_weights(y) if w is None else w
+        return group_layer_norm(y, w.norm_w, w.norm_b, self.groups[0].out_norm.eps, gate=z, out_dtype=autocast_dtype(y))
 
-    def grouped_out_proj(self, y: torch.Tensor, w: PackedGroupWeights | None = None) -> torch.Tensor:
+    def grouped_out_proj(self, y: torch.Tensor, w: GroupWeights | None = None) -> torch.Tensor:
         """Every group's out_proj in one GEMM, (B, H, W, C) -> (B, H, W, C)."""
-        if w is not None:
+        w = self.group_weights(y) if w is None else w
+        if w.w_out is not None:
             return linear(y, w.w_out)
-        w_out = torch.stack([g.out_proj.weight for g in self.groups])   # (4, d, d)
-        if self._use_blockdiag(y):
-            return linear(y, block_diagonal(w_out))
-        return ungroup(grouped_linear_bmm(y, w_out), y.shape[:3])
+        return ungroup(grouped_linear_bmm(y, torch.stack([g.out_proj.weight for g in self.groups])), y.shape[:3])
 
     def _mix_unfused(self, xn: torch.Tensor) -> torch.Tensor:
         """Official-style: each group's SS2D one after another, scan via flip/transpose copies."""
@@ -287,6 +255,6 @@ class GroupMambaLayer(nn.Module):
             zs.append(g.act(zg))
             ug = g.act(g.conv2d(xg.permute(0, 3, 1, 2).contiguous()))
             us.append(ug.permute(0, 2, 3, 1))
-        ys = grouped_scan_naive(torch.cat(us, dim=-1), *_scan_params(groups, us[0]))
+        ys = grouped_scan_naive(torch.cat(us, dim=-1), *scan_params(groups, us[0]))
         outs = [g.out_proj(g.out_norm(yg) * zg) for g, yg, zg in zip(groups, torch.chunk(ys, GROUPS, dim=-1), zs)]
         return torch.cat(outs, dim=-1)

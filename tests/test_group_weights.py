@@ -1,5 +1,5 @@
-"""models/group_weights.py: the four groups' parameters packed by one autograd node equal the per-method
-stacking (values and gradients, bitwise: the same elements are copied and cast), and each parameter's
+"""models/group_weights.py: the four groups' parameters packed by one autograd node equal their stacking
+by separate torch ops (values and gradients, bitwise: the same elements are copied and cast), and each parameter's
 gradient lands contiguous in its own layout (so autograd stores it without another copy).
 
 CPU only: the op is plain torch copies on any device; the fused CUDA model tests (test_models.py,
@@ -7,8 +7,8 @@ test_train.py) run it on the GPU."""
 import pytest
 import torch
 
-from groupmamba.models.group_weights import group_parameters, pack_group_weights
-from groupmamba.models.mixer import GroupMambaLayer, _scan_params, block_diagonal
+from groupmamba.models.group_weights import block_diagonal, group_parameters, pack_group_weights, scan_params
+from groupmamba.models.mixer import GroupMambaLayer
 
 GROUPS = 4
 
@@ -32,7 +32,7 @@ def _unpacked(layer, dtype):
     conv_w = torch.cat([g.conv2d.weight for g in gs])
     conv_b = torch.cat([g.conv2d.bias for g in gs])
     norm = [torch.stack([getattr(g.out_norm, n) for g in gs]) for n in ("weight", "bias")]
-    return (w_xz[0], w_xz[1], w_out, conv_w, conv_b, *_scan_params(gs, conv_w), *norm)
+    return (w_xz[0], w_xz[1], w_out, conv_w, conv_b, *scan_params(gs, conv_w), *norm)
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element")  # C = 4: the modulation's fc1 has 4 // 16 = 0 outputs

@@ -115,7 +115,7 @@ def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
     from groupmamba.ops import triton_norm as tn
     kernel = getattr(tn, name)
     elems = tn.bwd_elems(M, G, d) if name == "_gln_bwd" else None   # the launchers' tiles
-    block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems, backward=name == "_gln_bwd")
+    block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems)
     consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True, HAS_RES=False,
                   HAS_SCALE=False)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
@@ -134,7 +134,7 @@ def test_add_norm_kernels_compile_for_sm90(name, M, d, scale):
     from groupmamba.ops import triton_norm as tn
     kernel = getattr(tn, name)
     elems = tn.bwd_elems(M, 1, d) if name == "_gln_bwd" else None
-    block_m, block_d, _, num_warps = tn.tiles(M, 1, d, elems, backward=name == "_gln_bwd")
+    block_m, block_d, _, num_warps = tn.tiles(M, 1, d, elems)
     consts = dict(G=1, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=False, SAVE_STATS=True, HAS_RES=True,
                   HAS_SCALE=scale)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}

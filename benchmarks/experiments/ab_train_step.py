@@ -28,14 +28,15 @@ AB_CHAIN  each block's second residual add done by the next block's mixer (ops.a
 AB_FC1EDGE ConvFFN's fc1 bias gradient from the conv (ops.dwconv_act x_bias; from the image edges of g until
           the fourteenth set, now summed by its dx pass; 0: fc1's own bias column sum)
 AB_PACK   the mixer's group parameters packed by one autograd node (models/group_weights.py; 0: stacked,
-          block-diagonal and cast by separate torch ops per method, as before)
+          block-diagonal and cast by separate torch ops, stack_group_weights)
 AB_MMDT   captured Linears' weight gradient written in float32 by cuBLAS (fast_linear._wgrad; 0: a 16-bit
           product and a cast kernel)
 AB_CA     the mixer's channel attention in float32 with autocast off (models/mixer.py; 0: under autocast)
 AB_DUAL   the in_proj halves as one autograd node accumulating x's gradient in the second dgrad GEMM
           (fast_linear.dual_linear; 0: two linears and autograd's add)
-AB_BWD_WARPS=n, AB_FWD_WARPS=n  n warps for the LayerNorm and modulation backward / forward kernels' tiles of at
-          most 2048 elements (ops/_util.tile_warps: 2 both ways since the fourteenth set; before, 4)
+AB_TILE_WARPS=n  n warps for the LayerNorm and modulation kernels' tiles of at most 2048 elements
+          (ops/_util.tile_warps: 2 since the fourteenth set; before, 4. That set's forward-only and
+          backward-only runs used a since-removed split of this switch)
 AB_MIDSUM the modulation's per-image partials and column_sum's partial rows summed by
           triton_colsum.sum_middle (0: torch's sums)
 AB_FWDTILES the conv forward's own tiles below 28 rows, 8 x 64 (ops/triton_dwconv.tiles; 0: 2 x 128 as the
@@ -52,8 +53,8 @@ AB_WGRAD, AB_WGRAD_KEPT  the conv backward's weight-gradient method when the pre
 Results: BENCHMARKS.md, sixth to ninth sets (eighth: AB_BNRELU=0 / 1). AB_MODOUT and AB_LNCOPY came
 after the ninth set's last device call and were measured in the tenth set; AB_WIDTH: tenth set; AB_ADDNORM and
 AB_FWDTILES: eleventh set; AB_RESADD, AB_MIDSUM, AB_CHAIN, AB_FC1EDGE: twelfth set (and AB_INBIAS,
-in experiments/dwconv_in_bias.patch); AB_PACK, AB_MMDT, AB_CA, AB_DUAL: thirteenth set; AB_BWD_WARPS,
-AB_FWD_WARPS: fourteenth set (and AB_XBDX, the x_bias gradient from the image edges of g, removed with that
+in experiments/dwconv_in_bias.patch); AB_PACK, AB_MMDT, AB_CA, AB_DUAL: thirteenth set; AB_TILE_WARPS:
+fourteenth set (and AB_XBDX, the x_bias gradient from the image edges of g, removed with that
 code; AB_COLFIN and AB_GATHER live in experiments/final_sum_in_kernel.patch and foreach_gather.patch).
 """
 import contextlib
@@ -102,15 +103,12 @@ if os.environ.get("AB_CHAIN", "1") == "0":
         y = mixer.residual_add(x, residual, scale)
         return y, self.forward(y, H, W)
     mixer.GroupMambaLayer.forward_add = _add_then_forward
-if os.environ.get("AB_BWD_WARPS") or os.environ.get("AB_FWD_WARPS"):   # warps of the norms' small tiles
+if os.environ.get("AB_TILE_WARPS"):   # warps of the LayerNorm / modulation kernels' small tiles
     import groupmamba.ops.triton_modulation as _modulation  # noqa: E402
     import groupmamba.ops.triton_norm as _norm  # noqa: E402
     _tile_warps = _modulation.tile_warps
-
-    def _tile_warps_ab(elems, backward):
-        n = os.environ.get("AB_BWD_WARPS" if backward else "AB_FWD_WARPS")
-        return int(n) if n and elems <= 2048 else _tile_warps(elems, backward)
-    _modulation.tile_warps = _norm.tile_warps = _tile_warps_ab
+    _modulation.tile_warps = _norm.tile_warps = \
+        lambda elems: int(os.environ["AB_TILE_WARPS"]) if elems <= 2048 else _tile_warps(elems)
 if os.environ.get("AB_MIDSUM", "1") == "0":
     import groupmamba.ops.triton_colsum as _colsum  # noqa: E402
     import groupmamba.ops.triton_modulation as _modulation  # noqa: E402

@@ -25,13 +25,13 @@ def autocast_dtype(x: torch.Tensor):
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
 
-def tile_warps(elems: int, backward: bool) -> int:
+def tile_warps(elems: int) -> int:
     """Warps per program of the LayerNorm / modulation kernels (triton_norm, triton_modulation) for a tile of
     `elems` elements. Small tiles (<= 2048: GroupMamba's stage 3-4 rows, 4 x 512) run on 2 warps, forward and
     backward. B training step, H200, same calls (BENCHMARKS.md, fourteenth set): backward 2 warps 1115.3 img/s
     against 1085.3 / 1085.3 with 4 and 972.0 with 8; then 1117.6 against 1112.0 with 1 warp and 1086.5 with 4;
     forward 2 warps (the modulation's) 1125.6. Two warps hold a tile's rows with fewer cross-warp reductions and
-    let more programs share an SM. `backward` is kept for A/B runs that set the two apart."""
+    let more programs share an SM."""
     return 8 if elems > 2048 else 2
 
 

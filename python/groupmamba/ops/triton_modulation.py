@@ -48,7 +48,7 @@ def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
     elems = elems or AUTO_ELEMS(block_c, backward)
     block_l = max(1, min(triton.next_power_of_2(L), elems // block_c))
     n_tiles = triton.cdiv(L, block_l)
-    return block_l, block_c, n_tiles, tile_warps(block_l * block_c, backward)
+    return block_l, block_c, n_tiles, tile_warps(block_l * block_c)
 
 
 

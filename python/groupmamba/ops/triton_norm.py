@@ -45,14 +45,14 @@ def bwd_elems(M: int, G: int, d: int) -> int:
     return 8192 if row <= 256 else 2048
 
 
-def tiles(M: int, G: int, d: int, elems: Optional[int] = None, backward: bool = False):
+def tiles(M: int, G: int, d: int, elems: Optional[int] = None):
     """(BLOCK_M, BLOCK_D, programs, num_warps) for M rows of G slices of d channels; elems: elements per
-    program (default: the forward's); backward: warps for the backward kernel (_util.tile_warps)."""
+    program (default: the forward's); num_warps: _util.tile_warps."""
     block_d = max(2, triton.next_power_of_2(d))
     row = G * block_d
     elems = elems or (8192 if row <= 128 else 4096)
     block_m = max(1, min(triton.next_power_of_2(M), elems // row))
-    return block_m, block_d, triton.cdiv(M, block_m), tile_warps(block_m * row, backward)
+    return block_m, block_d, triton.cdiv(M, block_m), tile_warps(block_m * row)
 
 
 @triton.jit
@@ -165,7 +165,7 @@ def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None, res=None)
     (GSUM, DRES, SCALE, RPS, HAS_RES, HAS_SCALE) or None (placeholders)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
-    bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d), backward=True)
+    bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else dx
     part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
