@@ -145,7 +145,9 @@ __device__ __forceinline__ void cv_reduce(float (&v)[n], int cvp) {
 // (P P', P' H + H'). warp_scan_runs turns each lane's summary into the inclusive prefix over the warp's runs up to its
 // own (Hillis-Steele over log2(32 / cvp) levels); to_exclusive then shifts it by one run (identity for the first).
 // The *_rev versions do the same in reverse order, for the adjoint: (Q, O) of run r preceded (on the right) by run
-// r' is (Q Q', Q O' + O).
+// r' is (Q Q', Q O' + O), the same form; they are kept as written-out mirrors (shuffle down instead of up) because
+// folding the pair into one template changed the backward's register allocation, and that code is what the GPU
+// tests and benchmarks ran.
 template <int n>
 __device__ __forceinline__ void warp_scan_runs(float (&P)[n], float (&H)[n], int cvp, int lane) {
   for (int o = cvp; o < 32; o <<= 1) {
@@ -1007,12 +1009,12 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
   }
   p.NR = p.Ls / K;
   pl.threads = ((p.NR * p.cvp + 31) / 32) * 32;
-  const size_t nw = pl.threads / 32;
   const int d = p.d, R = p.R, RK = R + 2;
   size_t fl = (size_t)RK * d + (size_t)d * R + 3 * d;
   if (!backward) {
     fl += 2 * (size_t)p.NR * d;
   } else {
+    const size_t nw = pl.threads / 32;  // the backward's per-warp arrays
     p.E = (2 * R + 5) * d;
     fl += 3 * nw * d + (size_t)p.Ls * R + nw * p.E + 4 * (size_t)p.NR * d;
   }
