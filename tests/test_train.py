@@ -130,12 +130,26 @@ def test_resume_matches_uninterrupted(tmp_path, uninterrupted, stop_at):
     assert_same_training_state(state_of(tmp_path / "last.pth"), uninterrupted)
 
 
+# The killed run pauses after each checkpoint so the kill lands mid-run however fast the machine is (a CI
+# run once finished all 16 steps between two polls).  The pause changes no result; the resumed run is plain.
+PACED_TRAIN = """
+import sys, time
+from groupmamba.train import cli, engine
+save_last = engine.Trainer.save_last
+def paced(self):
+    save_last(self)
+    time.sleep(0.25)
+engine.Trainer.save_last = paced
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_sigkill_and_resume_matches_uninterrupted(tmp_path, uninterrupted):
     """A real kill -9 at an arbitrary moment (checkpointing every step), then the same command again."""
-    cmd = [PY, "-m", "groupmamba.train", "--output", str(tmp_path), "--no-progress", "--no-tensorboard",
-           "--save-every-steps", "1", *RESUME_ARGS]
+    args = ["--output", str(tmp_path), "--no-progress", "--no-tensorboard", "--save-every-steps", "1", *RESUME_ARGS]
+    cmd = [PY, "-m", "groupmamba.train", *args]
     env = dict(os.environ)  # same thread count as the in-process reference run, so float sums match bitwise
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen([PY, "-c", PACED_TRAIN, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     last = tmp_path / "last.pth"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -147,7 +161,7 @@ def test_sigkill_and_resume_matches_uninterrupted(tmp_path, uninterrupted):
                 pass
         if p.poll() is not None:
             pytest.fail(f"training exited early: {p.stderr.read().decode()[-2000:]}")
-        time.sleep(0.2)
+        time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = state_of(last)["global_step"]
