@@ -21,23 +21,40 @@
 //   two-level deterministic reduction kernel. No floating-point atomics anywhere.
 // Generic path (any N, any d, any chunk): one block per (b, g), one thread per channel, sequential over
 //   the L steps with shared-memory reductions. Slow but simple; used for N > 1, d > 128 or odd chunks.
+//
+// With GROUPMAMBA_CUDA_EMULATION defined, only the kernels and their launch planning are compiled, without torch,
+// for the CPU emulation that tests them on machines without a GPU (tests/cuda_emu); the op registration is left out.
+#if !defined(GROUPMAMBA_CUDA_EMULATION)
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "scan_common.h"
+#else
+#include "scan_shape.h"
+#endif
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
 #include <initializer_list>
 #include <tuple>
 
-#include "scan_common.h"
-
 namespace groupmamba {
 namespace {
+
+// Shared memory: the block's dynamic buffer as floats, and a block-wide variable (the emulation keeps both per
+// block, since the blocks of a launch run interleaved there).
+#if defined(GROUPMAMBA_CUDA_EMULATION)
+#define GM_DYNAMIC_SMEM(name) float* name = ::emu::dynamic_smem<float>()
+#define GM_SHARED(type, name) type& name = ::emu::block_static<type>(__LINE__)
+#else
+#define GM_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define GM_SHARED(type, name) __shared__ type name
+#endif
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kCPT = 4;        // channels per thread (fast path)
@@ -86,9 +103,14 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
 // libdevice's log1pf, exp2f and expm1f cost 44, 12 and 36 instructions; these cost 2-16 and stay within a few
 // fp32 ulps where the result is used (relative error <= 2e-6 over z in [-30, 30], checked against float64).
 __device__ __forceinline__ float ex2_approx(float x) {  // 2^x on the special-function unit (~2 ulp; 0 below 2^-126)
+#if defined(GROUPMAMBA_CUDA_EMULATION)
+  const float y = std::exp2(x);
+  return y < 0x1p-126f ? 0.f : y;
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+#endif
 }
 
 // softplus(z) = max(z, 0) + log1p(e), e = exp(-|z|) in (0, 1]. log1p(e) = 2 atanh(s) with s = e / (2 + e) <= 1/3,
@@ -222,6 +244,13 @@ struct LookBack {
 };
 constexpr unsigned kEmpty = 0xffffffffu;
 
+#if defined(GROUPMAMBA_CUDA_EMULATION)  // one thread runs at a time
+inline unsigned long long ld_relaxed64(const unsigned long long* p) {
+  ::emu::poll();  // other blocks run meanwhile
+  return *p;
+}
+inline void st_relaxed64(unsigned long long* p, unsigned long long v) { *p = v; }
+#else
 __device__ __forceinline__ unsigned long long ld_relaxed64(const unsigned long long* p) {
   unsigned long long v;
   asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -230,6 +259,7 @@ __device__ __forceinline__ unsigned long long ld_relaxed64(const unsigned long l
 __device__ __forceinline__ void st_relaxed64(unsigned long long* p, unsigned long long v) {
   asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
+#endif
 __device__ __forceinline__ unsigned long long pack(unsigned lo, float hi) {
   return (unsigned long long)lo | ((unsigned long long)__float_as_uint(hi) << 32);
 }
@@ -269,8 +299,8 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
                                                                   T* __restrict__ y, float* __restrict__ states,
                                                                   ParamPtrs prm, LookBack lb) {
   constexpr int CPT = kCPT;
-  extern __shared__ float smem[];
-  __shared__ unsigned s_ticket;
+  GM_DYNAMIC_SMEM(smem);
+  GM_SHARED(unsigned, s_ticket);
   const int d = p.d, R = p.R, RK = R + 2, tid = threadIdx.x;
   if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u) + 1u;
   __syncthreads();
@@ -442,8 +472,8 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
                                                                   const float* __restrict__ states, ParamPtrs prm,
                                                                   LookBack lb, float* __restrict__ partial) {
   constexpr int CPT = kCPT;
-  extern __shared__ float smem[];
-  __shared__ unsigned s_ticket;
+  GM_DYNAMIC_SMEM(smem);
+  GM_SHARED(unsigned, s_ticket);
   const int d = p.d, R = p.R, RK = R + 2, tid = threadIdx.x, E = p.E;
   if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u) + 1u;
   __syncthreads();
@@ -769,7 +799,7 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
 template <typename T>
 __global__ void fwd_generic_kernel(const T* __restrict__ u, T* __restrict__ y, float* __restrict__ states,
                                    ParamPtrs prm, int B, int H, int W, int d, int R, int N, int chunk, int nch) {
-  extern __shared__ float smem[];
+  GM_DYNAMIC_SMEM(smem);
   const int L = H * W, C = kGroups * d, RK = R + 2 * N, tid = threadIdx.x;
   const int bg = blockIdx.x, b = bg / kGroups, g = bg % kGroups;
   float* sx = smem;          // d
@@ -822,7 +852,7 @@ template <typename T>
 __global__ void bwd_generic_kernel(const T* __restrict__ dy_, const T* __restrict__ u, T* __restrict__ du,
                                    ParamPtrs prm, float* __restrict__ hs, float* __restrict__ partial, int B, int H,
                                    int W, int d, int R, int N, int E) {
-  extern __shared__ float smem[];
+  GM_DYNAMIC_SMEM(smem);
   const int L = H * W, C = kGroups * d, RK = R + 2 * N, tid = threadIdx.x;
   const int bg = blockIdx.x, b = bg / kGroups, g = bg % kGroups;
   float* sx = smem;             // d
@@ -1024,21 +1054,29 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
   pl.ok = true;
   return pl;
 }
-
-// All ones (empty slots; the ticket counter wraps to 0 on its first increment); `ws` keeps it alive.
-LookBack look_back_workspace(at::Tensor& ws, int64_t slots, const at::TensorOptions& opts) {
-  ws = at::full({2 * slots + 1}, -1, opts.dtype(at::kLong));
-  auto* w = reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>());
-  return LookBack{w, w + slots, reinterpret_cast<unsigned*>(w + 2 * slots)};
+FastPlan plan_fwd(const ScanDims& s, int64_t chunk) { return plan_fast(s, chunk, kKF, kThreadsF, false); }
+FastPlan plan_bwd(const ScanDims& s, int64_t chunk) {  // 256-thread blocks where the chunk allows, else up to 512
+  const FastPlan pl = plan_fast(s, chunk, kKB, 256, true);
+  return pl.ok ? pl : plan_fast(s, chunk, kKB, kMaxThreadsB, true);
 }
-template <typename Fn>
-void dispatch_type(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(__nv_bfloat16{}); break;
-    case at::kHalf: fn(__half{}); break;
-    default: TORCH_CHECK(false, "groupmamba scan (CUDA): u must be float32, bfloat16 or float16, got ", st);
-  }
+
+// Parameter-gradient entries per group (the columns of the partial rows): Wx, Wdt, bias, A_log, D.
+int grad_entries(const ScanDims& s) { return (int)((s.R + 2 * s.N) * s.d + s.d * s.R + s.d + s.d * s.N + s.d); }
+// The generic kernels: one thread per channel, one block per (b, g) sequence.
+int generic_threads(const ScanDims& s) { return (int)((s.d + 31) / 32 * 32); }
+size_t generic_fwd_smem(const ScanDims& s) { return (s.d + (s.R + 2 * s.N) + s.N * s.d) * sizeof(float); }
+size_t generic_bwd_smem(const ScanDims& s) {
+  const int64_t RK = s.R + 2 * s.N;
+  return (s.d + 2 * RK + RK * s.d + grad_entries(s) + s.N * s.d) * sizeof(float);
+}
+// Row slices of reduce_level1 for `rows` = B * segments rows per group.
+int reduce_slices(int rows) { return (rows + kSlice - 1) / kSlice; }
+
+// The look-back over a workspace of 2 * slots + 1 int64 words set to all ones (empty slots; the ticket counter
+// wraps to 0 on its first increment).
+LookBack look_back_view(int64_t* ws, int64_t slots) {
+  auto* w = reinterpret_cast<unsigned long long*>(ws);
+  return LookBack{w, w + slots, reinterpret_cast<unsigned*>(w + 2 * slots)};
 }
 
 // Widest vector (4, 2 or 1 elements) for the fast kernels' accesses at (position, g*d + c0 + q): every offset is a
@@ -1066,6 +1104,22 @@ auto pick_bwd(int vec, bool wide) {
   if (vec == kCPT) return wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>;
   if (vec == 2) return wide ? bwd_fast_kernel<T, 2, kKB, 5> : bwd_fast_kernel<T, 2, kKB, 3>;
   return wide ? bwd_fast_kernel<T, 1, kKB, 5> : bwd_fast_kernel<T, 1, kKB, 3>;
+}
+
+#if !defined(GROUPMAMBA_CUDA_EMULATION)
+// The look-back workspace as a tensor (`ws` keeps it alive).
+LookBack look_back_workspace(at::Tensor& ws, int64_t slots, const at::TensorOptions& opts) {
+  ws = at::full({2 * slots + 1}, -1, opts.dtype(at::kLong));
+  return look_back_view(ws.data_ptr<int64_t>(), slots);
+}
+template <typename Fn>
+void dispatch_type(at::ScalarType st, Fn&& fn) {
+  switch (st) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(__nv_bfloat16{}); break;
+    case at::kHalf: fn(__half{}); break;
+    default: TORCH_CHECK(false, "groupmamba scan (CUDA): u must be float32, bfloat16 or float16, got ", st);
+  }
 }
 
 ParamPtrs param_ptrs(const at::Tensor& Wx, const at::Tensor& Wdt, const at::Tensor& bias, const at::Tensor& Alog,
@@ -1098,7 +1152,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u_, const at:
   if (s.B == 0 || s.L == 0) return {y, states};
   auto stream = c10::cuda::getCurrentCUDAStream();
   const ParamPtrs prm = param_ptrs(Wx, Wdt, bias, Alog, D);
-  const FastPlan pl = plan_fast(s, chunk, kKF, kThreadsF, false);
+  const FastPlan pl = plan_fwd(s, chunk);
   dispatch_type(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* up = reinterpret_cast<const T*>(u.data_ptr());
@@ -1111,8 +1165,8 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u_, const at:
       kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, up, yp, states.data_ptr<float>(), prm, lb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      const int threads = (int)((s.d + 31) / 32 * 32);
-      const size_t smem = (s.d + (s.R + 2 * s.N) + s.N * s.d) * sizeof(float);
+      const int threads = generic_threads(s);
+      const size_t smem = generic_fwd_smem(s);
       TORCH_CHECK(smem <= 200 * 1024, "groupmamba scan (CUDA): N*d too large for the generic kernel");
       auto kern = fwd_generic_kernel<T>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -1152,9 +1206,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
              dAlog = at::empty_like(Alog), dD = at::empty_like(D);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const ParamPtrs prm = param_ptrs(Wx, Wdt, bias, Alog, D);
-  const int E = (int)((s.R + 2 * s.N) * s.d + s.d * s.R + s.d + s.d * s.N + s.d);
-  FastPlan pl = plan_fast(s, chunk, kKB, 256, true);
-  if (!pl.ok) pl = plan_fast(s, chunk, kKB, kMaxThreadsB, true);
+  const int E = grad_entries(s);
+  const FastPlan pl = plan_bwd(s, chunk);
   int nseg = 1;
   at::Tensor partial;
   dispatch_type(u.scalar_type(), [&](auto tag) {
@@ -1175,9 +1228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     } else {
       partial = at::empty({s.B * kGroups, E}, u.options().dtype(at::kFloat));
       at::Tensor hs = at::empty({s.B * kGroups * s.L * s.N * s.d}, u.options().dtype(at::kFloat));
-      const int threads = (int)((s.d + 31) / 32 * 32);
-      const int RK = (int)(s.R + 2 * s.N);
-      const size_t smem = (s.d + 2 * RK + RK * s.d + E + s.N * s.d) * sizeof(float);
+      const int threads = generic_threads(s);
+      const size_t smem = generic_bwd_smem(s);
       TORCH_CHECK(smem <= 200 * 1024, "groupmamba scan (CUDA): parameters too large for the generic kernel");
       auto kern = bwd_generic_kernel<T>;
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
@@ -1188,7 +1240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
   });
   const int rows = (int)s.B * nseg;
-  const int nsl = (rows + kSlice - 1) / kSlice;
+  const int nsl = reduce_slices(rows);
   at::Tensor l1 = at::empty({kGroups, nsl, E}, u.options().dtype(at::kFloat));
   reduce_level1<<<dim3((E + kRedThreads - 1) / kRedThreads, nsl, kGroups), kRedThreads, 0, stream>>>(
       partial.data_ptr<float>(), l1.data_ptr<float>(), (int)s.B, nseg, E, nsl);
@@ -1200,11 +1252,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {du, dWx, dWdt, dbias, dAlog, dD};
 }
 
+#endif  // !GROUPMAMBA_CUDA_EMULATION
+
 }  // namespace
 
+#if !defined(GROUPMAMBA_CUDA_EMULATION)
 TORCH_LIBRARY_IMPL(groupmamba, CUDA, m) {
   m.impl("scan_fwd", &scan_fwd_cuda);
   m.impl("scan_bwd", &scan_bwd_cuda);
 }
+#endif
 
 }  // namespace groupmamba

@@ -1,0 +1,119 @@
+// The CUDA scan kernels (csrc/cuda/scan_cuda.cu) compiled for the CPU emulation in cuda_emu.h, with the same
+// launch planning as the op, behind a C interface that tests/test_scan_emulated.py loads with ctypes.
+// Mirrors scan_fwd_cuda / scan_bwd_cuda: plan, workspace, kernel choice, launch, the gradient reduction.
+#include "cuda_emu.h"
+#include "cuda/scan_cuda.cu"
+
+namespace groupmamba {
+namespace {
+
+ScanDims dims(int64_t B, int64_t H, int64_t W, int64_t C, int64_t N, int64_t R) {
+  return ScanDims{B, H, W, H * W, C, C / kGroups, N, R};
+}
+ParamPtrs params(const float* Wx, const float* Wdt, const float* bias, const float* Alog, const float* D) {
+  return ParamPtrs{Wx, Wdt, bias, Alog, D};
+}
+unsigned u32(int64_t v) { return static_cast<unsigned>(v); }
+
+template <typename T>
+int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, ParamPtrs prm) {
+  const int64_t nch = num_chunks(s.L, chunk);
+  const FastPlan pl = plan_fwd(s, chunk);
+  if (pl.ok) {
+    std::vector<int64_t> ws(2 * (size_t)pl.nrec * s.d + 1, -1);
+    const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
+    auto kern = pick_fwd<T>(vector_width<T>(s.d, {u, y}), pl.p.cvp > 8);
+    emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb); });
+    return 1;
+  }
+  emu::launch({u32(s.B * kGroups)}, {u32(generic_threads(s))}, generic_fwd_smem(s), [&] {
+    fwd_generic_kernel<T>(u, y, states, prm, (int)s.B, (int)s.H, (int)s.W, (int)s.d, (int)s.R, (int)s.N, (int)chunk,
+                          (int)nch);
+  });
+  return 0;
+}
+
+template <typename T>
+int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const float* states, ParamPtrs prm,
+        float* dWx, float* dWdt, float* dbias, float* dAlog, float* dD) {
+  const int E = grad_entries(s);
+  const FastPlan pl = plan_bwd(s, chunk);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  int nseg = 1;
+  std::vector<float> partial;
+  if (pl.ok) {
+    nseg = pl.p.nseg;
+    partial.assign((size_t)pl.nrec * E, nan);
+    std::vector<int64_t> ws(2 * (size_t)pl.nrec * s.d + 1, -1);
+    const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
+    auto kern = pick_bwd<T>(vector_width<T>(s.d, {u, dy, du}), pl.p.cvp > 8);
+    emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem,
+                [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data()); });
+  } else {
+    partial.assign((size_t)s.B * kGroups * E, nan);
+    std::vector<float> hs((size_t)s.B * kGroups * s.L * s.N * s.d, nan);
+    emu::launch({u32(s.B * kGroups)}, {u32(generic_threads(s))}, generic_bwd_smem(s), [&] {
+      bwd_generic_kernel<T>(dy, u, du, prm, hs.data(), partial.data(), (int)s.B, (int)s.H, (int)s.W, (int)s.d,
+                            (int)s.R, (int)s.N, E);
+    });
+  }
+  const int rows = (int)s.B * nseg, nsl = reduce_slices(rows);
+  std::vector<float> l1((size_t)kGroups * nsl * E, nan);
+  emu::launch({u32((E + kRedThreads - 1) / kRedThreads), u32(nsl), u32(kGroups)}, {u32(kRedThreads)}, 0,
+              [&] { reduce_level1(partial.data(), l1.data(), (int)s.B, nseg, E, nsl); });
+  emu::launch({u32((E + 255) / 256), u32(kGroups)}, {256}, 0, [&] {
+    reduce_level2(l1.data(), nsl, E, (int)s.d, (int)s.R, (int)s.N, dWx, dWdt, dbias, dAlog, dD);
+  });
+  return pl.ok ? 1 : 0;
+}
+
+// dtype: 0 float32, 1 bfloat16, 2 float16
+template <typename Fn>
+int dispatch(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case 0: return fn(float{});
+    case 1: return fn(__nv_bfloat16{});
+    case 2: return fn(__half{});
+    default: return -1;
+  }
+}
+
+}  // namespace
+}  // namespace groupmamba
+
+using namespace groupmamba;
+
+// The emulator's first failure since the last call of either entry point ("" if none).
+extern "C" const char* gm_emu_error() { return emu::error.c_str(); }
+
+// Threads of a block run from the first (0) or from the last (1); see cuda_emu.h.
+extern "C" void gm_emu_set_reverse_order(int on) { emu::reverse_order = on != 0; }
+
+// Returns 1 when the fast kernel ran, 0 for the generic one, -1 for an unknown dtype, -2 when the emulator failed
+// (gm_emu_error says why). Outputs must be allocated
+// by the caller (y like u; states (B, 4, ceil(L / chunk), d, N) float32).
+extern "C" int gm_emu_scan_fwd(int dtype, const void* u, void* y, float* states, const float* Wx, const float* Wdt,
+                               const float* bias, const float* Alog, const float* D, int64_t B, int64_t H, int64_t W,
+                               int64_t C, int64_t N, int64_t R, int64_t chunk) {
+  const ScanDims s = dims(B, H, W, C, N, R);
+  emu::error.clear();
+  const int rc = dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return fwd<T>(s, chunk, static_cast<const T*>(u), static_cast<T*>(y), states, params(Wx, Wdt, bias, Alog, D));
+  });
+  return emu::error.empty() ? rc : -2;
+}
+
+extern "C" int gm_emu_scan_bwd(int dtype, const void* dy, const void* u, void* du, const float* states, const float* Wx,
+                               const float* Wdt, const float* bias, const float* Alog, const float* D, float* dWx,
+                               float* dWdt, float* dbias, float* dAlog, float* dD, int64_t B, int64_t H, int64_t W,
+                               int64_t C, int64_t N, int64_t R, int64_t chunk) {
+  const ScanDims s = dims(B, H, W, C, N, R);
+  emu::error.clear();
+  const int rc = dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return bwd<T>(s, chunk, static_cast<const T*>(dy), static_cast<const T*>(u), static_cast<T*>(du), states,
+                  params(Wx, Wdt, bias, Alog, D), dWx, dWdt, dbias, dAlog, dD);
+  });
+  return emu::error.empty() ? rc : -2;
+}

@@ -1,0 +1,158 @@
+"""The CUDA scan kernels (csrc/cuda/scan_cuda.cu) run on the CPU by emulation, against the float64 reference.
+
+CI has no GPU, so without this the kernels' logic would be checked only on the device. tests/cuda_emu compiles
+the kernel source with g++ for a fiber-based emulator (one fiber per CUDA thread, barriers and warp shuffles
+scheduled as on the GPU; see cuda_emu.h for what it does and does not check) and exposes the op's launch
+sequence through ctypes: the same planning, kernel choice, look-back workspace and gradient reduction as
+scan_fwd_cuda / scan_bwd_cuda. Tolerances are those of the GPU tests (tests/test_scan_cuda.py): relative error
+<= 1e-5 for float32 inputs, <= 1e-2 for bfloat16/float16. Outputs start as NaN, so an element no kernel writes
+fails; shared memory starts as NaN too.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_scan_inputs, rel_err
+from groupmamba.ops import grouped_scan_reference
+
+REPO = Path(__file__).resolve().parents[1]
+EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+NAMES = ["y", "du", "dx_proj_weight", "ddt_proj_weight", "ddt_bias", "dA_log", "dD"]
+P, I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None or not (CUDA_INCLUDE / "cuda_bf16.h").exists():
+        pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h) to compile the kernels for the CPU")
+    lib = tmp_path_factory.mktemp("cuda_emu") / "scan_emu.so"
+    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-class-memaccess",
+           "-DGROUPMAMBA_CUDA_EMULATION", f"-I{REPO / 'csrc'}", f"-I{CUDA_INCLUDE}", str(EMU_DIR / "scan_emu.cpp"),
+           "-o", str(lib)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"compiling the emulated kernels failed:\n{r.stderr[-4000:]}"
+    assert "warning" not in r.stderr, r.stderr[-4000:]
+    so = ctypes.CDLL(str(lib))
+    so.gm_emu_scan_fwd.argtypes = [ctypes.c_int] + [P] * 8 + [I64] * 7
+    so.gm_emu_scan_bwd.argtypes = [ctypes.c_int] + [P] * 14 + [I64] * 7
+    so.gm_emu_scan_fwd.restype = so.gm_emu_scan_bwd.restype = ctypes.c_int
+    so.gm_emu_error.restype = ctypes.c_char_p
+    so.gm_emu_set_reverse_order.argtypes = [ctypes.c_int]
+    return so
+
+
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def nan_like(t, dtype=None):
+    return torch.full_like(t, float("nan"), dtype=dtype or t.dtype)
+
+
+def misaligned(t):
+    """A copy of t whose data starts one element past an aligned address (no vector access fits)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def ran(so, rc, what):
+    """True for the fast kernel, False for the generic one; the emulator's own failure fails the test."""
+    assert rc != -2, f"{what}: {so.gm_emu_error().decode()}"
+    assert rc in (0, 1), f"{what}: returned {rc}"
+    return rc == 1
+
+
+def emulated_fwd_bwd(so, u, params, dy, chunk, misalign=False):
+    """(y, du, parameter grads, fast forward?, fast backward?) from the emulated kernels."""
+    Wx, Wdt, bias, A_log, D = params
+    B, H, W, C = u.shape
+    N, R = A_log.shape[-1], Wdt.shape[-1]
+    dims = [B, H, W, C, N, R, chunk]
+    if misalign:
+        u, dy = misaligned(u), misaligned(dy)
+    y = misaligned(nan_like(u)) if misalign else nan_like(u)
+    n_chunks = -(-H * W // chunk)
+    states = torch.full((B, 4, n_chunks, C // 4, N), float("nan"))
+    fast_f = ran(so, so.gm_emu_scan_fwd(DTYPE_CODE[u.dtype], ptr(u), ptr(y), ptr(states), *map(ptr, params), *dims),
+                 "forward")
+    assert torch.isfinite(states).all(), "states: an element was not written"
+    du = misaligned(nan_like(u)) if misalign else nan_like(u)
+    grads = [nan_like(p) for p in params]
+    fast_b = ran(so, so.gm_emu_scan_bwd(DTYPE_CODE[u.dtype], ptr(dy), ptr(u), ptr(du), ptr(states),
+                                        *map(ptr, params), *map(ptr, grads), *dims), "backward")
+    return [y, du] + grads, fast_f, fast_b
+
+
+def reference(u, params, dy):
+    leaves = [u.double().requires_grad_()] + [p.double().requires_grad_() for p in params]
+    y = grouped_scan_reference(*leaves)
+    y.backward(dy.double())
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+def check(so, B, H, W, d, N, chunk, dtype, expect_fast, misalign=False, reverse=False):
+    so.gm_emu_set_reverse_order(int(reverse))
+    u64, *params64 = random_scan_inputs(B, H, W, d, N=N, dtype=torch.float64)
+    u = u64.to(dtype)
+    params = [p.float() for p in params64]
+    dy = torch.randn(u.shape, dtype=torch.float64).to(dtype)
+    got, fast_f, fast_b = emulated_fwd_bwd(so, u, params, dy, chunk, misalign)
+    assert (fast_f, fast_b) == expect_fast, f"kernels run (fast fwd, fast bwd): {(fast_f, fast_b)}"
+    ref = reference(u, params, dy)
+    errs = {n: rel_err(g, r) for n, g, r in zip(NAMES, got, ref)}
+    bad = {k: v for k, v in errs.items() if not v <= TOL[dtype]}
+    assert not bad, f"rel errors over {TOL[dtype]}: {bad} (all: {errs})"
+
+
+# (B, H, W, d, N, chunk, (fast forward, fast backward)); the stage widths of GroupMamba-T/B (d = 16, 32, 87, 106,
+# 112) on small maps, with maps long enough for several segments per sequence where noted: with three, a
+# block's look-back can meet a predecessor that has published only its aggregate.
+SHAPES = [
+    (1, 24, 24, 16, 1, 64, (True, True)),    # T1 width, 3 forward and 3 backward segments
+    (2, 9, 11, 32, 1, 32, (True, True)),     # T2 width, H != W, 2 backward segments
+    (1, 9, 9, 87, 1, 32, (True, True)),      # T3 width: 32 lanes per step, single elements, 3 segments
+    (1, 5, 6, 106, 1, 32, (True, True)),     # B3 width: element pairs
+    (1, 5, 5, 112, 1, 32, (True, True)),     # T4 width
+    (2, 1, 1, 16, 1, 64, (True, True)),      # L = 1
+    (1, 7, 1, 8, 1, 64, (True, True)),       # W = 1
+    (1, 3, 4, 2, 1, 64, (True, True)),       # d = 2
+    (1, 5, 9, 16, 1, 12, (True, True)),      # chunks of 12: segments of whole chunks, chunk states mid-segment
+    (1, 4, 6, 3, 2, 64, (False, False)),     # N = 2: the generic kernels
+    (1, 5, 9, 16, 1, 3, (False, False)),     # chunk not a multiple of 4: the generic kernels
+    (1, 4, 4, 128, 1, 64, (True, False)),    # d = 128, chunk 64: the backward's rows exceed shared memory
+]
+
+
+# Each block's threads run first to last and last to first: a barrier missing between a shared-memory write and
+# a read by a thread that runs earlier leaves NaN (the initial shared memory) in the results.
+ORDERS = pytest.mark.parametrize("reverse", [False, True], ids=["ascending", "descending"])
+
+
+@ORDERS
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_{}x{}_d{}_N{}_chunk{}".format(*s[:6]))
+def test_emulated_kernels_match_reference_fp32(emu, shape, reverse):
+    *dims, expect = shape
+    check(emu, *dims, torch.float32, expect, reverse=reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3]], ids=lambda s: "d{}".format(s[3]))
+def test_emulated_kernels_match_reference_half(emu, shape, dtype):
+    *dims, expect = shape
+    check(emu, *dims, dtype, expect, reverse=dtype == torch.float16)
+
+
+def test_emulated_kernels_unaligned_pointers(emu):
+    """u, dy, y and du one element off alignment: the single-element loads and stores."""
+    check(emu, 1, 9, 9, 16, 1, 32, torch.bfloat16, (True, True), misalign=True)
