@@ -6,7 +6,8 @@ scheduled as on the GPU; see cuda_emu.h for what it does and does not check) and
 sequence through ctypes: the same planning, kernel choice, look-back workspace and gradient reduction as
 scan_fwd_cuda / scan_bwd_cuda. Tolerances are those of the GPU tests (tests/test_scan_cuda.py): relative error
 <= 1e-5 for float32 inputs, <= 1e-2 for bfloat16/float16. Outputs start as NaN, so an element no kernel writes
-fails; shared memory starts as NaN too.
+fails; shared memory starts as NaN too. A second build runs the kernels under AddressSanitizer and UBSan with
+every buffer at its exact size (the role compute-sanitizer's memcheck plays on the GPU).
 """
 import ctypes
 import os
@@ -29,18 +30,22 @@ NAMES = ["y", "du", "dx_proj_weight", "ddt_proj_weight", "ddt_bias", "dA_log", "
 P, I64 = ctypes.c_void_p, ctypes.c_int64
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def compile_emulated(out, *extra):
+    """Compiles the kernels with the emulator (scan_emu.cpp plus `extra` sources and flags) into `out`."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None or not (CUDA_INCLUDE / "cuda_bf16.h").exists():
         pytest.skip("needs g++ and the CUDA headers (cuda_bf16.h) to compile the kernels for the CPU")
-    lib = tmp_path_factory.mktemp("cuda_emu") / "scan_emu.so"
-    cmd = [cxx, "-std=c++20", "-O2", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-Wno-class-memaccess",
-           "-DGROUPMAMBA_CUDA_EMULATION", f"-I{REPO / 'csrc'}", f"-I{CUDA_INCLUDE}", str(EMU_DIR / "scan_emu.cpp"),
-           "-o", str(lib)]
+    cmd = [cxx, "-std=c++20", "-Wall", "-Wno-unknown-pragmas", "-Wno-class-memaccess", "-DGROUPMAMBA_CUDA_EMULATION",
+           f"-I{REPO / 'csrc'}", f"-I{CUDA_INCLUDE}", str(EMU_DIR / "scan_emu.cpp"), *extra, "-o", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"compiling the emulated kernels failed:\n{r.stderr[-4000:]}"
     assert "warning" not in r.stderr, r.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = compile_emulated(tmp_path_factory.mktemp("cuda_emu") / "scan_emu.so", "-O2", "-shared", "-fPIC")
     so = ctypes.CDLL(str(lib))
     so.gm_emu_scan_fwd.argtypes = [ctypes.c_int] + [P] * 8 + [I64] * 7
     so.gm_emu_scan_bwd.argtypes = [ctypes.c_int] + [P] * 14 + [I64] * 7
@@ -156,3 +161,15 @@ def test_emulated_kernels_match_reference_half(emu, shape, dtype):
 def test_emulated_kernels_unaligned_pointers(emu):
     """u, dy, y and du one element off alignment: the single-element loads and stores."""
     check(emu, 1, 9, 9, 16, 1, 32, torch.bfloat16, (True, True), misalign=True)
+
+
+def test_emulated_kernels_memcheck(tmp_path):
+    """No access outside any buffer and no undefined behaviour (ASan + UBSan), every output written."""
+    exe = compile_emulated(tmp_path / "scan_memcheck", "-O1", "-g", "-fsanitize=address,undefined",
+                           "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer",
+                           str(EMU_DIR / "memcheck_main.cpp"))
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:halt_on_error=1", UBSAN_OPTIONS="print_stacktrace=1")
+    r = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=600)
+    report = r.stdout + r.stderr
+    assert r.returncode == 0 and "ERROR" not in r.stderr and "runtime error" not in r.stderr, report[-6000:]
+    assert report.count(": kernels ") == 8 and "FAILED" not in report, report[-6000:]
