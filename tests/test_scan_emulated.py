@@ -133,6 +133,7 @@ SHAPES = [
     (1, 7, 1, 8, 1, 64, (True, True)),       # W = 1
     (1, 3, 4, 2, 1, 64, (True, True)),       # d = 2
     (1, 5, 9, 16, 1, 12, (True, True)),      # chunks of 12: segments of whole chunks, chunk states mid-segment
+    (1, 23, 23, 16, 1, 12, (True, True)),    # 3 forward segments that do not start at chunk starts
     (1, 4, 6, 3, 2, 64, (False, False)),     # N = 2: the generic kernels
     (1, 5, 9, 16, 1, 3, (False, False)),     # chunk not a multiple of 4: the generic kernels
     (1, 4, 4, 128, 1, 64, (True, False)),    # d = 128, chunk 64: the backward's rows exceed shared memory
