@@ -120,12 +120,14 @@ def check(so, B, H, W, d, N, chunk, dtype, expect_fast, misalign=False, reverse=
     assert not bad, f"rel errors over {TOL[dtype]}: {bad} (all: {errs})"
 
 
-# (B, H, W, d, N, chunk, (fast forward, fast backward)); the stage widths of GroupMamba-T/B (d = 16, 32, 87, 106,
-# 112) on small maps, with maps long enough for several segments per sequence where noted: with three, a
+# (B, H, W, d, N, chunk, (fast forward, fast backward)); the stage widths of GroupMamba-T/B (d = 16, 24, 32, 48,
+# 87, 106, 112) on small maps, with maps long enough for several segments per sequence where noted: with three, a
 # block's look-back can meet a predecessor that has published only its aggregate.
 SHAPES = [
     (1, 24, 24, 16, 1, 64, (True, True)),    # T1 width, 3 forward and 3 backward segments
     (2, 9, 11, 32, 1, 32, (True, True)),     # T2 width, H != W, 2 backward segments
+    (1, 9, 9, 24, 1, 64, (True, True)),      # B1 width
+    (1, 7, 9, 48, 1, 64, (True, True)),      # B2 width: 16 lanes per step
     (1, 9, 9, 87, 1, 32, (True, True)),      # T3 width: 32 lanes per step, single elements, 3 segments
     (1, 5, 6, 106, 1, 32, (True, True)),     # B3 width: element pairs
     (1, 5, 5, 112, 1, 32, (True, True)),     # T4 width
