@@ -59,8 +59,8 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr())
 
 
-def nan_like(t, dtype=None):
-    return torch.full_like(t, float("nan"), dtype=dtype or t.dtype)
+def nan_like(t):
+    return torch.full_like(t, float("nan"))
 
 
 def misaligned(t):
@@ -84,15 +84,15 @@ def emulated_fwd_bwd(so, u, params, dy, chunk, misalign=False):
     B, H, W, C = u.shape
     N, R = A_log.shape[-1], Wdt.shape[-1]
     dims = [B, H, W, C, N, R, chunk]
-    if misalign:
-        u, dy = misaligned(u), misaligned(dy)
-    y = misaligned(nan_like(u)) if misalign else nan_like(u)
+    place = misaligned if misalign else (lambda t: t)   # where u, dy, y and du live
+    u, dy = place(u), place(dy)
+    y = place(nan_like(u))
     n_chunks = -(-H * W // chunk)
     states = torch.full((B, 4, n_chunks, C // 4, N), float("nan"))
     fast_f = ran(so, so.gm_emu_scan_fwd(DTYPE_CODE[u.dtype], ptr(u), ptr(y), ptr(states), *map(ptr, params), *dims),
                  "forward")
     assert torch.isfinite(states).all(), "states: an element was not written"
-    du = misaligned(nan_like(u)) if misalign else nan_like(u)
+    du = place(nan_like(u))
     grads = [nan_like(p) for p in params]
     fast_b = ran(so, so.gm_emu_scan_bwd(DTYPE_CODE[u.dtype], ptr(dy), ptr(u), ptr(du), ptr(states),
                                         *map(ptr, params), *map(ptr, grads), *dims), "backward")

@@ -9,14 +9,7 @@
 #include <limits>
 #include <vector>
 
-extern "C" int gm_emu_scan_fwd(int dtype, const void* u, void* y, float* states, const float* Wx, const float* Wdt,
-                               const float* bias, const float* Alog, const float* D, int64_t B, int64_t H, int64_t W,
-                               int64_t C, int64_t N, int64_t R, int64_t chunk);
-extern "C" int gm_emu_scan_bwd(int dtype, const void* dy, const void* u, void* du, const float* states, const float* Wx,
-                               const float* Wdt, const float* bias, const float* Alog, const float* D, float* dWx,
-                               float* dWdt, float* dbias, float* dAlog, float* dD, int64_t B, int64_t H, int64_t W,
-                               int64_t C, int64_t N, int64_t R, int64_t chunk);
-extern "C" const char* gm_emu_error();
+#include "scan_emu.h"
 
 namespace {
 

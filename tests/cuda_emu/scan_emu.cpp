@@ -1,6 +1,8 @@
 // The CUDA scan kernels (csrc/cuda/scan_cuda.cu) compiled for the CPU emulation in cuda_emu.h, with the same
-// launch planning as the op, behind a C interface that tests/test_scan_emulated.py loads with ctypes.
+// launch planning as the op, behind the C interface of scan_emu.h.
 // Mirrors scan_fwd_cuda / scan_bwd_cuda: plan, workspace, kernel choice, launch, the gradient reduction.
+#include "scan_emu.h"
+
 #include "cuda_emu.h"
 #include "cuda/scan_cuda.cu"
 
@@ -9,9 +11,6 @@ namespace {
 
 ScanDims dims(int64_t B, int64_t H, int64_t W, int64_t C, int64_t N, int64_t R) {
   return ScanDims{B, H, W, H * W, C, C / kGroups, N, R};
-}
-ParamPtrs params(const float* Wx, const float* Wdt, const float* bias, const float* Alog, const float* D) {
-  return ParamPtrs{Wx, Wdt, bias, Alog, D};
 }
 unsigned u32(int64_t v) { return static_cast<unsigned>(v); }
 
@@ -67,7 +66,6 @@ int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const 
   return pl.ok ? 1 : 0;
 }
 
-// dtype: 0 float32, 1 bfloat16, 2 float16
 template <typename Fn>
 int dispatch(int dtype, Fn&& fn) {
   switch (dtype) {
@@ -83,15 +81,10 @@ int dispatch(int dtype, Fn&& fn) {
 
 using namespace groupmamba;
 
-// The emulator's first failure since the last call of either entry point ("" if none).
 extern "C" const char* gm_emu_error() { return emu::error.c_str(); }
 
-// Threads of a block run from the first (0) or from the last (1); see cuda_emu.h.
 extern "C" void gm_emu_set_reverse_order(int on) { emu::reverse_order = on != 0; }
 
-// Returns 1 when the fast kernel ran, 0 for the generic one, -1 for an unknown dtype, -2 when the emulator failed
-// (gm_emu_error says why). Outputs must be allocated
-// by the caller (y like u; states (B, 4, ceil(L / chunk), d, N) float32).
 extern "C" int gm_emu_scan_fwd(int dtype, const void* u, void* y, float* states, const float* Wx, const float* Wdt,
                                const float* bias, const float* Alog, const float* D, int64_t B, int64_t H, int64_t W,
                                int64_t C, int64_t N, int64_t R, int64_t chunk) {
@@ -99,7 +92,7 @@ extern "C" int gm_emu_scan_fwd(int dtype, const void* u, void* y, float* states,
   emu::error.clear();
   const int rc = dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return fwd<T>(s, chunk, static_cast<const T*>(u), static_cast<T*>(y), states, params(Wx, Wdt, bias, Alog, D));
+    return fwd<T>(s, chunk, static_cast<const T*>(u), static_cast<T*>(y), states, ParamPtrs{Wx, Wdt, bias, Alog, D});
   });
   return emu::error.empty() ? rc : -2;
 }
@@ -113,7 +106,7 @@ extern "C" int gm_emu_scan_bwd(int dtype, const void* dy, const void* u, void* d
   const int rc = dispatch(dtype, [&](auto tag) {
     using T = decltype(tag);
     return bwd<T>(s, chunk, static_cast<const T*>(dy), static_cast<const T*>(u), static_cast<T*>(du), states,
-                  params(Wx, Wdt, bias, Alog, D), dWx, dWdt, dbias, dAlog, dD);
+                  ParamPtrs{Wx, Wdt, bias, Alog, D}, dWx, dWdt, dbias, dAlog, dD);
   });
   return emu::error.empty() ? rc : -2;
 }

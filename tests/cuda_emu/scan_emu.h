@@ -1,0 +1,26 @@
+// C interface of the emulated scan kernels (scan_emu.cpp): what tests/test_scan_emulated.py loads with ctypes
+// and memcheck_main.cpp links against.
+#pragma once
+
+#include <cstdint>
+
+extern "C" {
+
+// The emulator's first failure since the last call of either entry point ("" if none).
+const char* gm_emu_error();
+
+// Threads of a block run from the first (0) or from the last (1); see cuda_emu.h.
+void gm_emu_set_reverse_order(int on);
+
+// dtype: 0 float32, 1 bfloat16, 2 float16 (u, y, dy, du); the parameters, states and gradients are float32.
+// Outputs are allocated by the caller: y and du like u; states (B, 4, ceil(L / chunk), d, N).
+// Returns 1 when the fast kernel ran, 0 for the generic one, -1 for an unknown dtype, -2 when the emulator failed
+// (gm_emu_error says why).
+int gm_emu_scan_fwd(int dtype, const void* u, void* y, float* states, const float* Wx, const float* Wdt,
+                    const float* bias, const float* Alog, const float* D, int64_t B, int64_t H, int64_t W, int64_t C,
+                    int64_t N, int64_t R, int64_t chunk);
+int gm_emu_scan_bwd(int dtype, const void* dy, const void* u, void* du, const float* states, const float* Wx,
+                    const float* Wdt, const float* bias, const float* Alog, const float* D, float* dWx, float* dWdt,
+                    float* dbias, float* dAlog, float* dD, int64_t B, int64_t H, int64_t W, int64_t C, int64_t N,
+                    int64_t R, int64_t chunk);
+}
