@@ -23,6 +23,36 @@ inline int64_t scan_position(int64_t g, int64_t t, int64_t H, int64_t W) {
   return t;
 }
 
+// Walks group g's scan order from step t onward: one division at the start, then only additions per step
+// (the position of step t + 1 follows from that of step t). Equal to scan_position at every step of 0..L-1.
+template <typename I>
+struct ScanWalk {
+  I pos;  // scan_position(g, t, H, W) of the current step t
+  I row;  // column-major groups (g odd): pos / W
+  I H, W;
+  int g;
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  ScanWalk(int g_, I t, I H_, I W_) : pos(0), row(0), H(H_), W(W_), g(g_) {
+    const I tt = g >= 2 ? H * W - 1 - t : t;  // index along the forward order of the group's pair
+    if ((g & 1) && H > 0) { row = tt % H; pos = row * W + tt / H; }  // H = 0: an empty map, no steps
+    else pos = tt;
+  }
+#if defined(__CUDACC__)
+  __host__ __device__
+#endif
+  void next() {  // to step t + 1
+    if (g == 0) ++pos;
+    else if (g == 2) --pos;
+    else if (g == 1) {  // down the column; from the last row to the top of the next column
+      if (row + 1 < H) { ++row; pos += W; } else { row = 0; pos -= (H - 1) * W - 1; }
+    } else {  // g == 3: up the column; from the first row to the bottom of the previous column
+      if (row > 0) { --row; pos -= W; } else { row = H - 1; pos += (H - 1) * W - 1; }
+    }
+  }
+};
+
 struct ScanDims {
   int64_t B, H, W, L, C, d, N, R;
 };

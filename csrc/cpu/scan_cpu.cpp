@@ -122,9 +122,10 @@ void forward_task(const ScanDims& s, int64_t b, int64_t g, int64_t chunk, const 
   scalar_t* y_b = y + b * s.L * s.C + g * d;
   acc_t* states_bg = states + (b * kGroups + g) * n_chunks * d * N;
 
-  for (int64_t t = 0; t < s.L; ++t) {
+  ScanWalk<int64_t> walk(static_cast<int>(g), 0, s.H, s.W);
+  for (int64_t t = 0; t < s.L; ++t, walk.next()) {
     if (t % chunk == 0) std::copy(h.begin(), h.end(), states_bg + (t / chunk) * d * N);
-    const int64_t p = scan_position(g, t, s.H, s.W);
+    const int64_t p = walk.pos;
     project_step(s, P, u_b + p * s.C, x.data(), x_dbl.data(), delta.data(), static_cast<acc_t*>(nullptr));
     state_step(s, P, x.data(), x_dbl.data(), delta.data(), h.data(), static_cast<acc_t*>(nullptr));
     const acc_t* Ct = x_dbl.data() + s.R + N;
@@ -198,8 +199,9 @@ void recompute_chunk(const ScanDims& s, int64_t g, int64_t t0, int64_t len, cons
                      const GroupParams<acc_t>& P, ChunkBuffers<acc_t>& cb) {
   const int64_t d = s.d, dN = s.d * s.N, K = s.R + 2 * s.N;
   std::copy(h0, h0 + dN, cb.h.begin());
-  for (int64_t j = 0; j < len; ++j) {
-    const int64_t p = scan_position(g, t0 + j, s.H, s.W);
+  ScanWalk<int64_t> walk(static_cast<int>(g), t0, s.H, s.W);
+  for (int64_t j = 0; j < len; ++j, walk.next()) {
+    const int64_t p = walk.pos;
     acc_t* x = cb.x.data() + j * d;
     acc_t* x_dbl = cb.x_dbl.data() + j * K;
     acc_t* delta = cb.delta.data() + j * d;

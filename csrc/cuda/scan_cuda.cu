@@ -57,6 +57,11 @@ namespace {
 #endif
 
 constexpr float kLog2e = 1.4426950408889634f;
+__host__ __device__ constexpr int next_pow2(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
 constexpr int kCPT = 4;        // channels per thread (fast path)
 constexpr int kKF = 4;         // steps per thread, forward
 constexpr int kKB = 4;         // steps per thread, backward
@@ -221,6 +226,7 @@ struct FastParams {
   int B, H, W, C, d, R, L, chunk, nch;
   int Ls, nseg, m;  // steps per segment, segments per sequence, chunks per segment (backward only)
   int cvp, NR;      // lanes per step, runs per segment
+  int G, RG;        // forward: groups of runs composed in parallel, runs per group
   int E;            // backward: parameter-gradient entries per group
 };
 
@@ -294,14 +300,15 @@ __device__ __forceinline__ int scan_pos_i(int g, int t, int H, int W, int L) {
 }
 
 // ================================ fast forward ===================================================
-template <typename T, int VEC, int K, int LV>
+// DS, RS: d and R as compile-time constants (GroupMamba's stage 1-2 shapes), or 0 to read them from p.
+template <typename T, int VEC, int K, int LV, int DS = 0, int RS = 0>
 __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastParams p, const T* __restrict__ u,
                                                                   T* __restrict__ y, float* __restrict__ states,
                                                                   ParamPtrs prm, LookBack lb) {
   constexpr int CPT = kCPT;
   GM_DYNAMIC_SMEM(smem);
   GM_SHARED(unsigned, s_ticket);
-  const int d = p.d, R = p.R, RK = R + 2, tid = threadIdx.x;
+  const int d = DS ? DS : p.d, R = RS ? RS : p.R, RK = R + 2, C = DS ? kGroups * DS : p.C, tid = threadIdx.x;
   if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u) + 1u;
   __syncthreads();
   const int nbg = p.B * kGroups;
@@ -315,6 +322,8 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
   float* sD = sA2 + d;          // d
   float* sP = sD + d;           // NR*d
   float* sH = sP + p.NR * d;    // NR*d
+  float* sGP = sH + p.NR * d;   // G*d   run groups: decay product, then (phase B on) unused
+  float* sGH = sGP + p.G * d;   // G*d   run groups: end state, then the carry entering the group
   for (int i = tid; i < RK * d; i += blockDim.x) sWx[i] = prm.Wx[(size_t)g * RK * d + i];
   for (int i = tid; i < d * R; i += blockDim.x) sWdt[i] = prm.Wdt[(size_t)g * d * R + i];
   for (int i = tid; i < d; i += blockDim.x) {
@@ -323,7 +332,7 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
     sD[i] = prm.D[g * d + i];
   }
 
-  const int cvp = p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
+  const int cvp = DS ? next_pow2((DS + kCPT - 1) / kCPT) : p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
   const bool run_ok = run < p.NR;
   const int t0 = s * p.Ls + run * K;
   bool cok[CPT];
@@ -331,11 +340,12 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
   for (int j = 0; j < CPT; ++j) cok[j] = c0 + j < d;
   bool sok[K];
   const T* src[K];
+  ScanWalk<int> walk(g, t0, p.H, p.W);  // one division for the run's K positions
 #pragma unroll
-  for (int i = 0; i < K; ++i) {
+  for (int i = 0; i < K; ++i, walk.next()) {
     sok[i] = run_ok && t0 + i < p.L;
-    const int pos = sok[i] ? scan_pos_i(g, t0 + i, p.H, p.W, p.L) : 0;
-    src[i] = u + ((size_t)b * p.L + pos) * p.C + (size_t)g * d + c0;
+    const int pos = sok[i] ? walk.pos : 0;
+    src[i] = u + ((size_t)b * p.L + pos) * C + (size_t)g * d + c0;
   }
   float x[K][CPT];
 #pragma unroll
@@ -418,14 +428,29 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
   }
   __syncthreads();
 
-  // Per channel: compose the runs, chain the segments (look-back), write carries and chunk states.
+  // Per channel, in two levels, so that the serial chains are RG + G + G + RG runs long instead of 2 NR:
+  // (A) threads (group, channel) compose their group's runs; (B) one thread per channel composes the groups,
+  // chains the segments (look-back) and hands each group the carry entering it; (C) threads (group, channel)
+  // hand each run its carry and write the chunk states.
+  const int gd = p.G * d;
+  for (int e = tid; e < gd; e += blockDim.x) {
+    const int c = e % d, r0 = (e / d) * p.RG, r1 = min(p.NR, r0 + p.RG);
+    float Pg = 1.f, Hg = 0.f;
+    for (int r = r0; r < r1; ++r) {
+      const float pr = sP[r * d + c];
+      Hg = fmaf(pr, Hg, sH[r * d + c]);
+      Pg *= pr;
+    }
+    sGP[e] = Pg;
+    sGH[e] = Hg;
+  }
+  __syncthreads();
   for (int c = tid; c < d; c += blockDim.x) {
     float Pt = 1.f, Ht = 0.f;
-#pragma unroll 8
-    for (int r = 0; r < p.NR; ++r) {
-      const float pr = sP[r * d + c];
-      Ht = fmaf(pr, Ht, sH[r * d + c]);
-      Pt *= pr;
+    for (int q = 0; q < p.G; ++q) {
+      const float pg = sGP[q * d + c];
+      Ht = fmaf(pg, Ht, sGH[q * d + c]);
+      Pt *= pg;
     }
     const size_t fi = (size_t)rec * d + c;
     float Hin = 0.f;
@@ -435,15 +460,31 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
     }
     publish_inclusive(lb, fi, fmaf(Pt, Hin, Ht));
     float hc = Hin;
-#pragma unroll 8
-    for (int r = 0; r < p.NR; ++r) {
+    for (int q = 0; q < p.G; ++q) {
+      const float pg = sGP[q * d + c], hg = sGH[q * d + c];
+      sGH[q * d + c] = hc;
+      hc = fmaf(pg, hc, hg);
+    }
+  }
+  __syncthreads();
+  const int t_begin = s * p.Ls, t_end = min(t_begin + p.Ls, p.L);
+  for (int e = tid; e < gd; e += blockDim.x) {
+    const int c = e % d, r0 = (e / d) * p.RG, r1 = min(p.NR, r0 + p.RG);
+    // the first chunk start at or after the group's first step (chunk starts are multiples of K)
+    int kg = (t_begin + r0 * K + p.chunk - 1) / p.chunk;
+    int rs = (kg * p.chunk - t_begin) / K;
+    const int run_step = p.chunk / K;
+    float hc = sGH[e];
+    for (int r = r0; r < r1; ++r) {
       const float pr = sP[r * d + c], hr = sH[r * d + c];
       sH[r * d + c] = hc;
+      if (r == rs) {
+        if (kg * p.chunk < t_end) states[((size_t)bg * p.nch + kg) * d + c] = hc;
+        ++kg;
+        rs += run_step;
+      }
       hc = fmaf(pr, hc, hr);
     }
-    const int t_begin = s * p.Ls, t_end = min(t_begin + p.Ls, p.L);  // chunk starts are multiples of K
-    for (int kg = (t_begin + p.chunk - 1) / p.chunk; kg * p.chunk < t_end; ++kg)
-      states[((size_t)bg * p.nch + kg) * d + c] = sH[((kg * p.chunk - t_begin) / K) * d + c];
   }
   __syncthreads();
 
@@ -466,7 +507,7 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
 }
 
 // ================================ fast backward ==================================================
-template <typename T, int VEC, int K, int LV>
+template <typename T, int VEC, int K, int LV, int DS = 0, int RS = 0>
 __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, const T* __restrict__ dy_,
                                                                   const T* __restrict__ u, T* __restrict__ du,
                                                                   const float* __restrict__ states, ParamPtrs prm,
@@ -474,7 +515,8 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
   constexpr int CPT = kCPT;
   GM_DYNAMIC_SMEM(smem);
   GM_SHARED(unsigned, s_ticket);
-  const int d = p.d, R = p.R, RK = R + 2, tid = threadIdx.x, E = p.E;
+  const int d = DS ? DS : p.d, R = RS ? RS : p.R, RK = R + 2, C = DS ? kGroups * DS : p.C, tid = threadIdx.x;
+  const int E = DS && RS ? (2 * RS + 5) * DS : p.E;
   if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u) + 1u;
   __syncthreads();
   // Tickets image by image (see the top of the file), the segments of a sequence from the last down.
@@ -502,7 +544,7 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
     sD[i] = prm.D[g * d + i];
   }
 
-  const int cvp = p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
+  const int cvp = DS ? next_pow2((DS + kCPT - 1) / kCPT) : p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
   const bool run_ok = run < p.NR;
   const int t0 = s * p.Ls + run * K;
   bool cok[CPT];
@@ -510,11 +552,12 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
   for (int j = 0; j < CPT; ++j) cok[j] = c0 + j < d;
   bool sok[K];
   size_t off[K];
+  ScanWalk<int> walk(g, t0, p.H, p.W);  // one division for the run's K positions
 #pragma unroll
-  for (int i = 0; i < K; ++i) {
+  for (int i = 0; i < K; ++i, walk.next()) {
     sok[i] = run_ok && t0 + i < p.L;
-    const int pos = sok[i] ? scan_pos_i(g, t0 + i, p.H, p.W, p.L) : 0;
-    off[i] = ((size_t)b * p.L + pos) * p.C + (size_t)g * d + c0;
+    const int pos = sok[i] ? walk.pos : 0;
+    off[i] = ((size_t)b * p.L + pos) * C + (size_t)g * d + c0;
   }
   float x[K][CPT], dy[K][CPT];
 #pragma unroll
@@ -997,11 +1040,7 @@ __global__ void reduce_level2(const float* __restrict__ l1, int nsl, int E, int 
 }
 
 // ================================ host side ======================================================
-int next_pow2(int v) {
-  int p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
+
 
 struct FastPlan {
   bool ok = false;
@@ -1038,11 +1077,16 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
     p.nseg = (p.L + p.Ls - 1) / p.Ls;
   }
   p.NR = p.Ls / K;
+  // forward run groups: about sqrt(NR) of them (a power of two), at most one per thread and channel
+  p.G = 1;
+  while (p.G * p.G < p.NR && 2 * p.G * p.d <= max_threads) p.G *= 2;
+  p.RG = (p.NR + p.G - 1) / p.G;
+  p.G = (p.NR + p.RG - 1) / p.RG;
   pl.threads = ((p.NR * p.cvp + 31) / 32) * 32;
   const int d = p.d, R = p.R, RK = R + 2;
   size_t fl = (size_t)RK * d + (size_t)d * R + 3 * d;
   if (!backward) {
-    fl += 2 * (size_t)p.NR * d;
+    fl += 2 * (size_t)p.NR * d + 2 * (size_t)p.G * d;
   } else {
     const size_t nw = pl.threads / 32;  // the backward's per-warp arrays
     p.E = (2 * R + 5) * d;
@@ -1092,16 +1136,29 @@ int vector_width(int64_t d, std::initializer_list<const void*> ptrs) {
   return 1;
 }
 
-// The fast kernels' instantiation for a vector width and the lanes per step (LV 5: up to 32 lanes, else 8).
+// The fast kernels' instantiation for a vector width and the lanes per step (LV 5: up to 32 lanes, else 8); GroupMamba's
+// stage 1-2 widths (T: d = 16, 32; B: 24, 48, each with its R = ceil(d / 16)) with d and R compiled in.
 template <typename T>
-auto pick_fwd(int vec, bool wide) {
-  if (vec == kCPT) return wide ? fwd_fast_kernel<T, kCPT, kKF, 5> : fwd_fast_kernel<T, kCPT, kKF, 3>;
+auto pick_fwd(int vec, bool wide, int d, int R) {
+  if (vec == kCPT) {
+    if (d == 16 && R == 1) return fwd_fast_kernel<T, kCPT, kKF, 3, 16, 1>;
+    if (d == 24 && R == 2) return fwd_fast_kernel<T, kCPT, kKF, 3, 24, 2>;
+    if (d == 32 && R == 2) return fwd_fast_kernel<T, kCPT, kKF, 3, 32, 2>;
+    if (d == 48 && R == 3) return fwd_fast_kernel<T, kCPT, kKF, 5, 48, 3>;
+    return wide ? fwd_fast_kernel<T, kCPT, kKF, 5> : fwd_fast_kernel<T, kCPT, kKF, 3>;
+  }
   if (vec == 2) return wide ? fwd_fast_kernel<T, 2, kKF, 5> : fwd_fast_kernel<T, 2, kKF, 3>;
   return wide ? fwd_fast_kernel<T, 1, kKF, 5> : fwd_fast_kernel<T, 1, kKF, 3>;
 }
 template <typename T>
-auto pick_bwd(int vec, bool wide) {
-  if (vec == kCPT) return wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>;
+auto pick_bwd(int vec, bool wide, int d, int R) {
+  if (vec == kCPT) {
+    if (d == 16 && R == 1) return bwd_fast_kernel<T, kCPT, kKB, 3, 16, 1>;
+    if (d == 24 && R == 2) return bwd_fast_kernel<T, kCPT, kKB, 3, 24, 2>;
+    if (d == 32 && R == 2) return bwd_fast_kernel<T, kCPT, kKB, 3, 32, 2>;
+    if (d == 48 && R == 3) return bwd_fast_kernel<T, kCPT, kKB, 5, 48, 3>;
+    return wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>;
+  }
   if (vec == 2) return wide ? bwd_fast_kernel<T, 2, kKB, 5> : bwd_fast_kernel<T, 2, kKB, 3>;
   return wide ? bwd_fast_kernel<T, 1, kKB, 5> : bwd_fast_kernel<T, 1, kKB, 3>;
 }
@@ -1160,7 +1217,7 @@ std::tuple<at::Tensor, at::Tensor> scan_fwd_cuda(const at::Tensor& u_, const at:
     if (pl.ok) {
       at::Tensor ws;
       const LookBack lb = look_back_workspace(ws, pl.nrec * s.d, u.options());
-      auto kern = pick_fwd<T>(vector_width<T>(s.d, {up, yp}), pl.p.cvp > 8);
+      auto kern = pick_fwd<T>(vector_width<T>(s.d, {up, yp}), pl.p.cvp > 8, pl.p.d, pl.p.R);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem));
       kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, up, yp, states.data_ptr<float>(), prm, lb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1220,7 +1277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       partial = at::empty({(int64_t)pl.nrec, E}, u.options().dtype(at::kFloat));
       at::Tensor ws;
       const LookBack lb = look_back_workspace(ws, pl.nrec * s.d, u.options());
-      auto kern = pick_bwd<T>(vector_width<T>(s.d, {up, dyp, dup}), pl.p.cvp > 8);
+      auto kern = pick_bwd<T>(vector_width<T>(s.d, {up, dyp, dup}), pl.p.cvp > 8, pl.p.d, pl.p.R);
       C10_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)pl.smem));
       kern<<<pl.nrec, pl.threads, pl.smem, stream>>>(pl.p, dyp, up, dup, states.data_ptr<float>(), prm, lb,
                                                      partial.data_ptr<float>());
