@@ -139,6 +139,7 @@ SHAPES = [
     (1, 4, 6, 3, 2, 64, (False, False)),     # N = 2: the generic kernels
     (1, 5, 9, 16, 1, 3, (False, False)),     # chunk not a multiple of 4: the generic kernels
     (1, 4, 4, 128, 1, 64, (True, False)),    # d = 128, chunk 64: the backward's rows exceed shared memory
+    (1, 4, 4, 128, 1, 32, (True, True)),     # B4 width at its default chunk
     (1, 3, 5, 136, 1, 64, (False, False)),   # d > 128: the generic kernels, 5 warps per block
 ]
 

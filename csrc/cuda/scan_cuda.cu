@@ -300,7 +300,7 @@ __device__ __forceinline__ int scan_pos_i(int g, int t, int H, int W, int L) {
 }
 
 // ================================ fast forward ===================================================
-// DS, RS: d and R as compile-time constants (GroupMamba's stage 1-2 shapes), or 0 to read them from p.
+// DS, RS: d and R as compile-time constants (GroupMamba's widths, see pick_fwd), or 0 to read them from p.
 template <typename T, int VEC, int K, int LV, int DS = 0, int RS = 0>
 __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastParams p, const T* __restrict__ u,
                                                                   T* __restrict__ y, float* __restrict__ states,
@@ -1136,8 +1136,10 @@ int vector_width(int64_t d, std::initializer_list<const void*> ptrs) {
   return 1;
 }
 
-// The fast kernels' instantiation for a vector width and the lanes per step (LV 5: up to 32 lanes, else 8); GroupMamba's
-// stage 1-2 widths (T: d = 16, 32; B: 24, 48, each with its R = ceil(d / 16)) with d and R compiled in.
+// The fast kernels' instantiation for a vector width and the lanes per step (LV 5: up to 32 lanes, else 8). GroupMamba's
+// widths (T/S: d = 16, 32, 87, 112 and S's 128; B: 24, 48, 106, 128; each with its R = ceil(d / 16)) have d and R
+// compiled in: fewer index instructions, and the backward does not spill (the runtime-d instances spill up to
+// 160 bytes at 32 lanes per step).
 template <typename T>
 auto pick_fwd(int vec, bool wide, int d, int R) {
   if (vec == kCPT) {
@@ -1145,9 +1147,15 @@ auto pick_fwd(int vec, bool wide, int d, int R) {
     if (d == 24 && R == 2) return fwd_fast_kernel<T, kCPT, kKF, 3, 24, 2>;
     if (d == 32 && R == 2) return fwd_fast_kernel<T, kCPT, kKF, 3, 32, 2>;
     if (d == 48 && R == 3) return fwd_fast_kernel<T, kCPT, kKF, 5, 48, 3>;
+    if (d == 112 && R == 7) return fwd_fast_kernel<T, kCPT, kKF, 5, 112, 7>;
+    if (d == 128 && R == 8) return fwd_fast_kernel<T, kCPT, kKF, 5, 128, 8>;
     return wide ? fwd_fast_kernel<T, kCPT, kKF, 5> : fwd_fast_kernel<T, kCPT, kKF, 3>;
   }
-  if (vec == 2) return wide ? fwd_fast_kernel<T, 2, kKF, 5> : fwd_fast_kernel<T, 2, kKF, 3>;
+  if (vec == 2) {
+    if (d == 106 && R == 7) return fwd_fast_kernel<T, 2, kKF, 5, 106, 7>;
+    return wide ? fwd_fast_kernel<T, 2, kKF, 5> : fwd_fast_kernel<T, 2, kKF, 3>;
+  }
+  if (d == 87 && R == 6) return fwd_fast_kernel<T, 1, kKF, 5, 87, 6>;
   return wide ? fwd_fast_kernel<T, 1, kKF, 5> : fwd_fast_kernel<T, 1, kKF, 3>;
 }
 template <typename T>
@@ -1157,9 +1165,15 @@ auto pick_bwd(int vec, bool wide, int d, int R) {
     if (d == 24 && R == 2) return bwd_fast_kernel<T, kCPT, kKB, 3, 24, 2>;
     if (d == 32 && R == 2) return bwd_fast_kernel<T, kCPT, kKB, 3, 32, 2>;
     if (d == 48 && R == 3) return bwd_fast_kernel<T, kCPT, kKB, 5, 48, 3>;
+    if (d == 112 && R == 7) return bwd_fast_kernel<T, kCPT, kKB, 5, 112, 7>;
+    if (d == 128 && R == 8) return bwd_fast_kernel<T, kCPT, kKB, 5, 128, 8>;
     return wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>;
   }
-  if (vec == 2) return wide ? bwd_fast_kernel<T, 2, kKB, 5> : bwd_fast_kernel<T, 2, kKB, 3>;
+  if (vec == 2) {
+    if (d == 106 && R == 7) return bwd_fast_kernel<T, 2, kKB, 5, 106, 7>;
+    return wide ? bwd_fast_kernel<T, 2, kKB, 5> : bwd_fast_kernel<T, 2, kKB, 3>;
+  }
+  if (d == 87 && R == 6) return bwd_fast_kernel<T, 1, kKB, 5, 87, 6>;
   return wide ? bwd_fast_kernel<T, 1, kKB, 5> : bwd_fast_kernel<T, 1, kKB, 3>;
 }
 
