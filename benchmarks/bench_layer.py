@@ -1,7 +1,8 @@
 """One whole GroupMambaLayer, forward and forward+backward, at every GroupMamba-T/S/B stage shape.
 
     python benchmarks/bench_layer.py                          # CUDA, B=128, baseline on the T shapes
-    python benchmarks/bench_layer.py --breakdown              # + the fast path split into its ops
+    python benchmarks/bench_layer.py --breakdown              # + the fast path split into its ops (timed as
+                                                              #   CUDA-graph replays with --graph)
     python benchmarks/bench_layer.py --graph                  # + fwd+bwd as CUDA-graph replays (device time)
     python benchmarks/bench_layer.py --baseline-shapes all    # baseline on every shape (slow)
     python benchmarks/bench_layer.py --device cpu --quick     # smoke test (tiny shapes, < 60 s)
@@ -105,15 +106,19 @@ def fast_parts(layer: GroupMambaLayer, H: int, W: int):
     ]
 
 
-def breakdown(layer, x, H, W, ctx, device, warmup, iters):
-    """[(part, fwd ms, fwd+bwd ms)] of the fast path, each op timed alone on detached inputs."""
+def breakdown(layer, x, H, W, ctx, device, warmup, iters, graph=False):
+    """[(part, fwd ms, fwd+bwd ms)] of the fast path, each op timed alone on detached inputs; with ``graph``
+    as CUDA-graph replays (device time: eager, the parts of a layer are host-bound on an H200)."""
     params = list(layer.parameters())
     vals = {"x": x.detach()}
     rows = []
+
+    def timed(fn):
+        return graph_ms(fn, iters, warmup) if graph else time_ms(fn, device, warmup, iters)
     for name, fn, ins, outs in fast_parts(layer, H, W):
         inputs = [vals[k].detach().requires_grad_(vals[k].is_floating_point()) for k in ins]
         fwd, fb = fwd_bwd_fns(fn, inputs, params, ctx)
-        rows.append((name, time_ms(fwd, device, warmup, iters), time_ms(fb, device, warmup, iters)))
+        rows.append((name, timed(fwd), timed(fb)))
         with torch.no_grad(), ctx():
             res = fn(*inputs)
         vals.update(zip(outs, res if isinstance(res, tuple) else (res,)))
@@ -209,8 +214,8 @@ def main(argv=None) -> int:
                 if args.graph and not cpu:
                     r["fb_graph"] = graph_ms(fb, iters, warmup)
                 if args.breakdown:
-                    prow, err = breakdown(layer, x, hw, hw, ctx, device, warmup, iters)
-                    parts.append((shape, dt, r["fb"], prow, err))
+                    prow, err = breakdown(layer, x, hw, hw, ctx, device, warmup, iters, graph=args.graph and not cpu)
+                    parts.append((shape, dt, r.get("fb_graph", r["fb"]), prow, err))
                 if (hw, dim) in baseline:
                     layer.fused = False
                     _, fb_ref = fwd_bwd_fns(fn, [x], params, ctx)
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
              "path (fused=False)" + (", judged on the CUDA-graph time where measured." if graph else "."), "", *table]
     for shape, dt, whole, prow, err in parts:
         total = sum(p[2] for p in prow)
-        lines += ["", f"### fast path by op: {shape}, {dt} (whole layer fwd+bwd {whole:.3f} ms; "
+        lines += ["", f"### fast path by op{' (CUDA-graph replays)' if graph else ''}: {shape}, {dt} (whole layer fwd+bwd {whole:.3f} ms; "
                   f"sum of parts {total:.3f} ms; chain vs layer max |diff| {err:.2e})", "",
                   "| op | fwd ms | fwd+bwd ms | share of sum |", "|---|---|---|---|"]
         lines += [f"| {n} | {f:.3f} | {fb:.3f} | {100 * fb / total:.0f}% |" for n, f, fb in prow]
