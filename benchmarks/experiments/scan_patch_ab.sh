@@ -2,13 +2,14 @@
 # Same-call A/B of scan-kernel patches on the device. Variants: "base" (the code as it is) and each patch of
 # PATCHES applied alone. All variants are built at once, each from its own copy of the sources into its own
 # install directory (the build is one long nvcc compile of scan_cuda.cu, so N builds on 16 cores take about
-# the time of one); then tests/test_scan_cuda.py runs on every variant, the variants side by side on the GPU
-# (correctness only); then bench_scan.py runs one variant at a time on a quiet GPU: base, each patch, base
-# again (the two base runs show the run-to-run spread). One line per benchmarked shape.
-#   PATCHES="benchmarks/experiments/scan_walk_positions.patch ..."   (required; may be empty quotes: base only)
+# the time of one); then tests/test_scan_cuda.py runs on every variant (about 25 s each on an H200; one at a
+# time: side by side, their float64 references on the CPU did not finish in 200 s); then bench_scan.py runs
+# one variant at a time: base, each patch, base again (the two base runs show the run-to-run spread).
+#   PATCHES="benchmarks/experiments/bwd_three_blocks.patch ..."   (required; may be empty quotes: base only)
 #   SCAN_BENCH_ARGS (default "--models T,B --dtypes bf16 --naive ''"), SCAN_TIMEOUT (default 90 s per run),
-#   TESTS=0 skips the GPU tests (TESTS_TIMEOUT, default 240 s for all variants together).
-# Logs: $OUT/build_<v>.log, $OUT/pytest_<v>.log, $OUT/bench_<i>_<v>.log. Run from the repository root.
+#   TESTS=0 skips the GPU tests (TESTS_TIMEOUT, default 120 s per variant).
+# Logs: build_<v>.log, pytest_<v>.log, bench_<i>_<v>.log in $OUT/ab_logs.tgz (the device returns only a few
+# files per call). Run from the repository root.
 # Patches are checked with the CPU emulation first (tests/test_scan_emulated.py), so a failure here is news.
 set -u -o pipefail
 export OUT=${OUT:-$PWD/device_out}
@@ -30,7 +31,7 @@ build() {  # $1 = variant; copies the sources, applies its patch, installs into 
   local v=$1 dir=$WORK/$1
   rm -rf "$dir"; mkdir -p "$dir/src"
   (cd "$SRC" && tar cf - CMakeLists.txt pyproject.toml README.md csrc python models train tests) | tar -C "$dir/src" -xf -
-  if [[ -n ${patch_of[$v]} ]] && ! (cd "$dir/src" && patch -p1 --quiet < "$SRC/${patch_of[$v]}"); then
+  if [[ -n ${patch_of[$v]} ]] && ! (cd "$dir/src" && patch -p1 --quiet --batch < "$SRC/${patch_of[$v]}"); then
     echo "does not apply" > "$OUT/build_$v.log"; return 1
   fi
   CMAKE_BUILD_PARALLEL_LEVEL=4 $PY -m pip install --no-build-isolation --no-deps --target "$dir/site" -v "$dir/src" \
@@ -49,11 +50,10 @@ cd /tmp  # import the installed variant, not the source tree
 if [[ ${TESTS:-1} != 0 ]]; then
   t0=$(date +%s)
   for v in "${ok[@]}"; do
-    PYTHONPATH=$WORK/$v/site timeout ${TESTS_TIMEOUT:-240} $PY -m pytest -m gpu -q -p no:cacheprovider \
-      --rootdir "$SRC" "$SRC/tests/test_scan_cuda.py" > "$OUT/pytest_$v.log" 2>&1 &
+    PYTHONPATH=$WORK/$v/site timeout ${TESTS_TIMEOUT:-120} $PY -m pytest -m gpu -q -p no:cacheprovider \
+      --rootdir "$SRC" "$SRC/tests/test_scan_cuda.py" > "$OUT/pytest_$v.log" 2>&1
+    echo "tests $v: $(tail -1 "$OUT/pytest_$v.log")"
   done
-  wait
-  for v in "${ok[@]}"; do echo "tests $v: $(tail -1 "$OUT/pytest_$v.log")"; done
   echo "tests: $(( $(date +%s) - t0 )) s"
 fi
 
@@ -68,3 +68,4 @@ bench() {  # $1 = variant
 }
 for v in "${ok[@]}"; do bench "$v"; done
 [[ ${#ok[@]} -gt 1 && ${ok[0]} == base ]] && bench base
+(cd "$OUT" && tar czf ab_logs.tgz --remove-files ./*.log)
