@@ -31,6 +31,7 @@ import groupmamba  # noqa: F401  (loads the native ops)
 from groupmamba import _native
 from groupmamba.models.mixer import GroupMambaLayer
 from groupmamba.ops import layernorm_pool, modulate_layernorm
+from groupmamba.ops._util import autocast_dtype
 
 from benchutil import copy_bandwidth_gbs, device_name, graph_ms, time_ms, write_report
 
@@ -82,46 +83,69 @@ def fwd_bwd_fns(fn, inputs, params, ctx):
 
 # ---- the fast path, op by op (mirrors GroupMambaLayer.forward / _mix_fused) -------------------------
 
-def fast_parts(layer: GroupMambaLayer, H: int, W: int):
-    """[(name, fn)] whose chain x -> ... -> out is the fused layer (GroupMambaLayer.forward's steps)."""
+def fast_parts(layer: GroupMambaLayer, H: int, W: int, w):
+    """[(name, fn, inputs, outputs)] whose chain x -> ... -> out is the fused layer, step for step as
+    GroupMambaLayer._forward runs it: the same dtypes between steps (under autocast layernorm_pool's xn copy
+    feeds in_proj and modulate_layernorm writes the autocast dtype, so no part times a cast the layer does not
+    make) and the group weights ``w`` packed once, as the layer packs them once per call."""
     norm, C = layer.norm, layer.dim
 
-    def in_proj(xn):
-        return layer.grouped_in_proj(xn.view(xn.shape[0], H, W, C))
+    def lnp(x):
+        return layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=autocast_dtype(x))
+
+    def pack(xnc):   # the packing's outputs that exist (the bmm projections have no block-diagonal weights)
+        return tuple(t for t in layer.group_weights(xnc.view(xnc.shape[0], H, W, C)) if t is not None)
+
+    def in_proj(xnc):
+        return layer.grouped_in_proj(xnc.view(xnc.shape[0], H, W, C), w)
 
     def out_proj(y):
-        return layer.grouped_out_proj(y).reshape(y.shape[0], H * W, C)
+        return layer.grouped_out_proj(y, w).reshape(y.shape[0], H * W, C)
+
+    def modulate(ym, xn, s):
+        return modulate_layernorm(ym, xn, s, layer.skip_scale, norm.weight, norm.bias, norm.eps,
+                                  out_dtype=autocast_dtype(ym))
 
     return [
-        ("layernorm_pool", lambda x: layernorm_pool(x, norm.weight, norm.bias, norm.eps), ["x"], ["xn", "pooled"]),
+        ("layernorm_pool", lnp, ["x"], ["xn", "pooled", "xnc"]),
         ("channel_attn (fc1/fc2)", layer.channel_attention, ["pooled"], ["s"]),
-        ("in_proj", in_proj, ["xn"], ["xp", "z"]),
-        ("conv+silu", layer.conv_silu, ["xp"], ["u"]),
-        ("grouped_scan", layer.grouped_scan, ["u"], ["y"]),
-        ("out_norm*gate", layer.out_norm_gate, ["y", "z"], ["yg"]),
+        ("group weights (packing)", pack, ["xnc"], []),
+        ("in_proj", in_proj, ["xnc"], ["xp", "z"]),
+        ("conv+silu", lambda xp: layer.conv_silu(xp, w), ["xp"], ["u"]),
+        ("grouped_scan", lambda u: layer.grouped_scan(u, w), ["u"], ["y"]),
+        ("out_norm*gate", lambda y, z: layer.out_norm_gate(y, z, w), ["y", "z"], ["yg"]),
         ("out_proj", out_proj, ["yg"], ["ym"]),
-        ("modulate_layernorm", lambda ym, xn, s: modulate_layernorm(
-            ym, xn, s, layer.skip_scale, norm.weight, norm.bias, norm.eps), ["ym", "xn", "s"], ["m"]),
+        ("modulate_layernorm", modulate, ["ym", "xn", "s"], ["m"]),
         ("proj", layer.proj, ["m"], ["out"]),
     ]
 
 
 def breakdown(layer, x, H, W, ctx, device, warmup, iters, graph=False):
     """[(part, fwd ms, fwd+bwd ms)] of the fast path, each op timed alone on detached inputs; with ``graph``
-    as CUDA-graph replays (device time: eager, the parts of a layer are host-bound on an H200)."""
+    as CUDA-graph replays (device time: eager, the parts of a layer are host-bound on an H200). The parts
+    after the packing take the packed group weights as leaves that need gradients, so their backwards do the
+    weight-gradient work they do in the layer; the packing's own forward and backward is a part of its own."""
     params = list(layer.parameters())
     vals = {"x": x.detach()}
+    B, L, C = x.shape
+    with torch.no_grad(), ctx():
+        xn_copy = layernorm_pool(x, layer.norm.weight, layer.norm.bias, layer.norm.eps,
+                                 copy_dtype=autocast_dtype(x))[-1]
+        packed = layer.group_weights(xn_copy.view(B, H, W, C))
+    w = type(packed)(*(None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in packed))
+    leaves = [t for t in w if t is not None]
     rows = []
 
     def timed(fn):
         return graph_ms(fn, iters, warmup) if graph else time_ms(fn, device, warmup, iters)
-    for name, fn, ins, outs in fast_parts(layer, H, W):
+    for name, fn, ins, outs in fast_parts(layer, H, W, w):
         inputs = [vals[k].detach().requires_grad_(vals[k].is_floating_point()) for k in ins]
-        fwd, fb = fwd_bwd_fns(fn, inputs, params, ctx)
+        fwd, fb = fwd_bwd_fns(fn, inputs, params + leaves, ctx)
         rows.append((name, timed(fwd), timed(fb)))
         with torch.no_grad(), ctx():
             res = fn(*inputs)
         vals.update(zip(outs, res if isinstance(res, tuple) else (res,)))
+        vals.setdefault("xnc", vals.get("xn"))   # without autocast layernorm_pool makes no copy: xn feeds in_proj
     with torch.no_grad(), ctx():
         ref = layer(x, H, W)
     err = (vals["out"].float() - ref.float()).abs().max().item()

@@ -2,11 +2,10 @@
 
     python benchmarks/experiments/colsum_sweep.py          # CUDA; about 30 s on an H200
 
-The seventeenth set's layer breakdown had the layer's `proj` (a 64 x 64 Linear with bias) at about twice
-`out_proj` (the same GEMMs without bias) at T1; bench_gemm (fourth set) measured column_sum at (401408, 64)
-at 33% of copy bandwidth with its one tile for all widths, 32 rows x 128 columns: at 64 columns half of
-each tile is masked off. This times every configuration of CONFIG below for each (M, N) as CUDA-graph
-replays, checks each result against a float64 sum, and prints the fastest per shape next to the default.
+bench_gemm (fourth set) measured column_sum at (401408, 64) at 33% of copy bandwidth with its one tile for
+all widths, 32 rows x 128 columns: at 64 columns half of each tile is masked off. This times every
+configuration of the grid below for each (M, N) as CUDA-graph replays, checks each result against a float64
+sum, and prints the fastest per shape next to the default.
 """
 from __future__ import annotations
 

@@ -7,8 +7,10 @@
 //   channels and a "run" of K consecutive scan steps; the CVp (power of two) lanes that share a step sit next to each
 //   other in one warp, so the per-step dots of x_proj (R + 2 rows over the d channels) are warp xor-shuffle
 //   reductions. u is read straight from the (B, H, W, C) tensor at scan_position(g, t) (no reordering copies). Each
-//   thread scans its run locally from a zero state; per-channel threads then compose the run summaries (decay product
-//   P and end state H) in order, and segments of one sequence are chained with a decoupled look-back (a block
+//   thread scans its run locally from a zero state; the run summaries (decay product P and end state H) are then
+//   composed per channel in two levels in the forward (groups of about sqrt(runs) runs, then the groups: serial
+//   chains of 32 runs instead of 122 at GroupMamba-T stage 1), and segments of one sequence are chained with a
+//   decoupled look-back (a block
 //   publishes its aggregate, then walks back over its predecessors' aggregates until it finds an inclusive prefix;
 //   each value is published packed with its ready mark in one 64-bit word, so no fences). The forward takes tickets
 //   segment by segment (every block waits only on blocks that already run, and a predecessor has usually finished).
@@ -18,7 +20,8 @@
 //   segment comes from `states`. In the backward the run summaries are composed by a shuffle scan over the warp's
 //   runs and the warps' totals in order. Parameter gradients: per-thread sums over the run -> shuffle sums over the
 //   warp's runs -> one shared-memory row per warp, summed in a fixed order -> one partial row per block -> a
-//   two-level deterministic reduction kernel. No floating-point atomics anywhere.
+//   two-level deterministic reduction kernel. No floating-point atomics anywhere. GroupMamba's widths run instances
+//   with d and R compiled in (pick_fwd / pick_bwd): no spills, and 13-28% faster than the runtime-d ones (H200).
 // Generic path (any N, any d, any chunk): one block per (b, g), one thread per channel, sequential over
 //   the L steps with shared-memory reductions. Slow but simple; used for N > 1, d > 128 or odd chunks.
 //
