@@ -129,9 +129,9 @@ def breakdown(layer, x, H, W, ctx, device, warmup, iters, graph=False):
     vals = {"x": x.detach()}
     B, L, C = x.shape
     with torch.no_grad(), ctx():
-        xn_copy = layernorm_pool(x, layer.norm.weight, layer.norm.bias, layer.norm.eps,
-                                 copy_dtype=autocast_dtype(x))[-1]
-        packed = layer.group_weights(xn_copy.view(B, H, W, C))
+        xn, _, *copy = layernorm_pool(x, layer.norm.weight, layer.norm.bias, layer.norm.eps,
+                                      copy_dtype=autocast_dtype(x))
+        packed = layer.group_weights((copy[0] if copy else xn).view(B, H, W, C))
     w = type(packed)(*(None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in packed))
     leaves = [t for t in w if t is not None]
     rows = []

@@ -2,6 +2,7 @@
 not the first place they break. GPU-only options (--cuda-graph, --graph, --compile) are accepted here and
 ignored or exercised only where the CPU allows."""
 import os
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,10 @@ def test_bench_models_cpu(tmp_path, extra):
 
 
 def test_bench_layer_cpu(tmp_path):
-    out = run_script("bench_layer.py", "--device", "cpu", "--quick", "--dtypes", "fp32", "--graph",
+    out = run_script("bench_layer.py", "--device", "cpu", "--quick", "--dtypes", "fp32,bf16", "--graph",
                      "--breakdown", tmp_path=tmp_path)
-    assert "| Q 32@8x8 | fp32 |" in out and "fast path by op" in out
+    assert "| Q 32@8x8 | fp32 |" in out and "| Q 64@4x4 | bf16 |" in out and "Error" not in out
+    # the breakdown's chain of ops computes the layer's output: it times what the layer runs, no extra casts
+    diffs = [float(v) for v in re.findall(r"chain vs layer max \|diff\| ([0-9.e+-]+)\)", out)]
+    assert len(diffs) == 4 and max(diffs) < 1e-5, diffs
     assert (tmp_path / "bench_layer.md").exists()
