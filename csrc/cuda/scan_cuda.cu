@@ -60,6 +60,10 @@ namespace {
 #endif
 
 constexpr float kLog2e = 1.4426950408889634f;
+// Parameter-gradient entries per group (the columns of the partial rows): Wx, Wdt, bias, A_log, D.
+__host__ __device__ constexpr int grad_entries(int d, int R, int N) {
+  return (R + 2 * N) * d + d * R + d + d * N + d;
+}
 __host__ __device__ constexpr int next_pow2(int v) {
   int p = 1;
   while (p < v) p <<= 1;
@@ -519,7 +523,7 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
   GM_DYNAMIC_SMEM(smem);
   GM_SHARED(unsigned, s_ticket);
   const int d = DS ? DS : p.d, R = RS ? RS : p.R, RK = R + 2, C = DS ? kGroups * DS : p.C, tid = threadIdx.x;
-  const int E = DS && RS ? (2 * RS + 5) * DS : p.E;
+  const int E = DS && RS ? grad_entries(DS, RS, 1) : p.E;
   if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u) + 1u;
   __syncthreads();
   // Tickets image by image (see the top of the file), the segments of a sequence from the last down.
@@ -1044,7 +1048,6 @@ __global__ void reduce_level2(const float* __restrict__ l1, int nsl, int E, int 
 
 // ================================ host side ======================================================
 
-
 struct FastPlan {
   bool ok = false;
   FastParams p{};
@@ -1092,7 +1095,7 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
     fl += 2 * (size_t)p.NR * d + 2 * (size_t)p.G * d;
   } else {
     const size_t nw = pl.threads / 32;  // the backward's per-warp arrays
-    p.E = (2 * R + 5) * d;
+    p.E = grad_entries(d, R, 1);
     fl += 3 * nw * d + (size_t)p.Ls * R + nw * p.E + 4 * (size_t)p.NR * d;
   }
   pl.smem = fl * sizeof(float);
@@ -1107,8 +1110,7 @@ FastPlan plan_bwd(const ScanDims& s, int64_t chunk) {  // 256-thread blocks wher
   return pl.ok ? pl : plan_fast(s, chunk, kKB, kMaxThreadsB, true);
 }
 
-// Parameter-gradient entries per group (the columns of the partial rows): Wx, Wdt, bias, A_log, D.
-int grad_entries(const ScanDims& s) { return (int)((s.R + 2 * s.N) * s.d + s.d * s.R + s.d + s.d * s.N + s.d); }
+int grad_entries(const ScanDims& s) { return grad_entries((int)s.d, (int)s.R, (int)s.N); }
 // The generic kernels: one thread per channel, one block per (b, g) sequence.
 int generic_threads(const ScanDims& s) { return (int)((s.d + 31) / 32 * 32); }
 size_t generic_fwd_smem(const ScanDims& s) { return (s.d + (s.R + 2 * s.N) + s.N * s.d) * sizeof(float); }
@@ -1142,43 +1144,39 @@ int vector_width(int64_t d, std::initializer_list<const void*> ptrs) {
 // The fast kernels' instantiation for a vector width and the lanes per step (LV 5: up to 32 lanes, else 8). GroupMamba's
 // widths (T/S: d = 16, 32, 87, 112 and S's 128; B: 24, 48, 106, 128; each with its R = ceil(d / 16)) have d and R
 // compiled in: fewer index instructions, and the backward does not spill (the runtime-d instances spill up to
-// 160 bytes at 32 lanes per step).
-template <typename T>
-auto pick_fwd(int vec, bool wide, int d, int R) {
+// 160 bytes at 32 lanes per step). One table for both directions; Kn::get<VEC, LV, DS, RS>() names the kernel.
+template <typename Kn>
+auto pick_kernel(int vec, bool wide, int d, int R) {
   if (vec == kCPT) {
-    if (d == 16 && R == 1) return fwd_fast_kernel<T, kCPT, kKF, 3, 16, 1>;
-    if (d == 24 && R == 2) return fwd_fast_kernel<T, kCPT, kKF, 3, 24, 2>;
-    if (d == 32 && R == 2) return fwd_fast_kernel<T, kCPT, kKF, 3, 32, 2>;
-    if (d == 48 && R == 3) return fwd_fast_kernel<T, kCPT, kKF, 5, 48, 3>;
-    if (d == 112 && R == 7) return fwd_fast_kernel<T, kCPT, kKF, 5, 112, 7>;
-    if (d == 128 && R == 8) return fwd_fast_kernel<T, kCPT, kKF, 5, 128, 8>;
-    return wide ? fwd_fast_kernel<T, kCPT, kKF, 5> : fwd_fast_kernel<T, kCPT, kKF, 3>;
+    if (d == 16 && R == 1) return Kn::template get<kCPT, 3, 16, 1>();
+    if (d == 24 && R == 2) return Kn::template get<kCPT, 3, 24, 2>();
+    if (d == 32 && R == 2) return Kn::template get<kCPT, 3, 32, 2>();
+    if (d == 48 && R == 3) return Kn::template get<kCPT, 5, 48, 3>();
+    if (d == 112 && R == 7) return Kn::template get<kCPT, 5, 112, 7>();
+    if (d == 128 && R == 8) return Kn::template get<kCPT, 5, 128, 8>();
+    return wide ? Kn::template get<kCPT, 5>() : Kn::template get<kCPT, 3>();
   }
   if (vec == 2) {
-    if (d == 106 && R == 7) return fwd_fast_kernel<T, 2, kKF, 5, 106, 7>;
-    return wide ? fwd_fast_kernel<T, 2, kKF, 5> : fwd_fast_kernel<T, 2, kKF, 3>;
+    if (d == 106 && R == 7) return Kn::template get<2, 5, 106, 7>();
+    return wide ? Kn::template get<2, 5>() : Kn::template get<2, 3>();
   }
-  if (d == 87 && R == 6) return fwd_fast_kernel<T, 1, kKF, 5, 87, 6>;
-  return wide ? fwd_fast_kernel<T, 1, kKF, 5> : fwd_fast_kernel<T, 1, kKF, 3>;
+  if (d == 87 && R == 6) return Kn::template get<1, 5, 87, 6>();
+  return wide ? Kn::template get<1, 5>() : Kn::template get<1, 3>();
 }
 template <typename T>
-auto pick_bwd(int vec, bool wide, int d, int R) {
-  if (vec == kCPT) {
-    if (d == 16 && R == 1) return bwd_fast_kernel<T, kCPT, kKB, 3, 16, 1>;
-    if (d == 24 && R == 2) return bwd_fast_kernel<T, kCPT, kKB, 3, 24, 2>;
-    if (d == 32 && R == 2) return bwd_fast_kernel<T, kCPT, kKB, 3, 32, 2>;
-    if (d == 48 && R == 3) return bwd_fast_kernel<T, kCPT, kKB, 5, 48, 3>;
-    if (d == 112 && R == 7) return bwd_fast_kernel<T, kCPT, kKB, 5, 112, 7>;
-    if (d == 128 && R == 8) return bwd_fast_kernel<T, kCPT, kKB, 5, 128, 8>;
-    return wide ? bwd_fast_kernel<T, kCPT, kKB, 5> : bwd_fast_kernel<T, kCPT, kKB, 3>;
-  }
-  if (vec == 2) {
-    if (d == 106 && R == 7) return bwd_fast_kernel<T, 2, kKB, 5, 106, 7>;
-    return wide ? bwd_fast_kernel<T, 2, kKB, 5> : bwd_fast_kernel<T, 2, kKB, 3>;
-  }
-  if (d == 87 && R == 6) return bwd_fast_kernel<T, 1, kKB, 5, 87, 6>;
-  return wide ? bwd_fast_kernel<T, 1, kKB, 5> : bwd_fast_kernel<T, 1, kKB, 3>;
-}
+struct FwdKernels {
+  template <int VEC, int LV, int DS = 0, int RS = 0>
+  static auto get() { return fwd_fast_kernel<T, VEC, kKF, LV, DS, RS>; }
+};
+template <typename T>
+struct BwdKernels {
+  template <int VEC, int LV, int DS = 0, int RS = 0>
+  static auto get() { return bwd_fast_kernel<T, VEC, kKB, LV, DS, RS>; }
+};
+template <typename T>
+auto pick_fwd(int vec, bool wide, int d, int R) { return pick_kernel<FwdKernels<T>>(vec, wide, d, R); }
+template <typename T>
+auto pick_bwd(int vec, bool wide, int d, int R) { return pick_kernel<BwdKernels<T>>(vec, wide, d, R); }
 
 #if !defined(GROUPMAMBA_CUDA_EMULATION)
 // The look-back workspace as a tensor (`ws` keeps it alive).
