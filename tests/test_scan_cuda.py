@@ -150,21 +150,24 @@ def test_blowup_finite(shape, dtype):
         assert torch.isfinite(t.grad).all(), f"non-finite grad of {name}"
 
 
+# Bitwise equal across runs. The second shape (GroupMamba-T stage 1 width, 8 images) has 13 forward and 13
+# backward segments per sequence and over 400 blocks, so look-backs meet predecessors at every stage of
+# progress (composing aggregates in the order a look-back met them once gave run-to-run differences here).
+@pytest.mark.parametrize("shape", [(4, 28, 28, 32), (8, 56, 56, 16)], ids=lambda s: "B{}_{}x{}_d{}".format(*s))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_determinism(dtype):
-    B, H, W, d = 4, 28, 28, 32
-    inputs = random_scan_inputs(B, H, W, d, dtype=torch.float32, device=DEV)
+def test_determinism(dtype, shape):
+    inputs = random_scan_inputs(*shape, dtype=torch.float32, device=DEV)
     inputs[0] = inputs[0].to(dtype)
     dy = torch.randn_like(inputs[0])
     outs = []
-    for _ in range(3):
+    for _ in range(4):
         ins = [t.clone().requires_grad_() for t in inputs]
         y = grouped_scan(*ins)
         y.backward(dy)
         outs.append([y.detach()] + [t.grad for t in ins])
-    for run in outs[1:]:
-        for a, b in zip(outs[0], run):
-            assert rel_err(b, a) <= 1e-6
+    for i, run in enumerate(outs[1:], 1):
+        for name, a, b in zip(["y"] + ["grad of " + n for n in NAMES], outs[0], run):
+            assert torch.equal(a, b), f"run {i}: {name} differs from run 0 by up to {(a - b).abs().max().item():.3g}"
 
 
 def test_float64_rejected_clearly():

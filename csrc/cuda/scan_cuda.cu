@@ -10,9 +10,10 @@
 //   thread scans its run locally from a zero state; the run summaries (decay product P and end state H) are then
 //   composed per channel in two levels in the forward (groups of about sqrt(runs) runs, then the groups: serial
 //   chains of 32 runs instead of 122 at GroupMamba-T stage 1), and segments of one sequence are chained with a
-//   decoupled look-back (a block
-//   publishes its aggregate, then walks back over its predecessors' aggregates until it finds an inclusive prefix;
-//   each value is published packed with its ready mark in one 64-bit word, so no fences). The forward takes tickets
+//   look-back (a block publishes its aggregate, then takes its predecessor's inclusive prefix or, if only the
+//   predecessor's aggregate is out, applies it to the inclusive before: one step at most, so the results are
+//   bitwise the same from run to run; each value is published packed with its ready mark in one 64-bit word, so
+//   no fences). The forward takes tickets
 //   segment by segment (every block waits only on blocks that already run, and a predecessor has usually finished).
 //   The backward does the same with the adjoint recurrence in reverse order, tickets image by image (the four
 //   groups of an image read the same cache lines in different orders; run together, they share them in L2: DRAM
@@ -285,19 +286,25 @@ __device__ __forceinline__ void publish_inclusive(const LookBack& lb, size_t fi,
   st_relaxed64(lb.incl + fi, pack(0u, H));
 }
 
-// Walks back over the predecessors of segment `s` (direction dir = -1 forward, +1 backward) and returns the
-// carry entering it. Runs per channel c; both words of a predecessor are read together.
+// The carry entering segment `s` (direction dir = -1 forward, +1 backward), per channel c: the predecessor's
+// inclusive prefix or, when only its aggregate (P, H) is out, fmaf(P, inclusive before it, H). That is the very
+// fmaf the predecessor's own inclusive is made of (its carry being the inclusive before it), so the result is
+// bitwise the same either way and does not depend on timing. A longer walk composing several aggregates (P1 *
+// P2, fmaf(P1, H2, H1)) rounds differently: seen as run-to-run differences on an H200. Both words of the
+// predecessor's record are read together. (This shape of the loops kept the compiled-in widths' kernels free of
+// new spills; a walk-then-fold version spilled 50-100 bytes.)
 __device__ __forceinline__ float look_back(const LookBack& lb, int bg, int nseg, int s, int dir, int d, int c) {
-  float Pacc = 1.f, Hacc = 0.f;
-  int j = s + dir;
+  const size_t f1 = (size_t)(bg * nseg + s + dir) * d + c;
   while (true) {
-    const size_t fj = (size_t)(bg * nseg + j) * d + c;
-    const unsigned long long iv = ld_relaxed64(lb.incl + fj), av = ld_relaxed64(lb.agg + fj);
-    if ((unsigned)iv == 0u) return fmaf(Pacc, __uint_as_float((unsigned)(iv >> 32)), Hacc);
+    const unsigned long long iv = ld_relaxed64(lb.incl + f1), av = ld_relaxed64(lb.agg + f1);
+    if ((unsigned)iv == 0u) return __uint_as_float((unsigned)(iv >> 32));
     if ((unsigned)av == kEmpty) continue;  // nothing published yet
-    Hacc = fmaf(Pacc, __uint_as_float((unsigned)(av >> 32)), Hacc);
-    Pacc *= __uint_as_float((unsigned)av);
-    j += dir;
+    // the one before has started earlier (tickets) and waits only on its own predecessors
+    const unsigned long long* incl2 = lb.incl + f1 + dir * d;
+    unsigned long long iv2;
+    while ((unsigned)(iv2 = ld_relaxed64(incl2)) != 0u) {}
+    return fmaf(__uint_as_float((unsigned)av), __uint_as_float((unsigned)(iv2 >> 32)),
+                __uint_as_float((unsigned)(av >> 32)));
   }
 }
 

@@ -25,6 +25,7 @@
 #include <functional>
 #include <limits>
 #include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -66,6 +67,7 @@ struct Block {
   std::map<int, uint64_t> statics;  // GM_SHARED variables, by declaration line
   std::vector<uint64_t> warp_slots;  // 32 per warp: shuffle exchange
   long polls = 0;                    // relaxed loads (a look-back that never ends)
+  bool sits_out = false;             // skips this pass (shuffled schedules)
 };
 
 struct Wave {
@@ -77,7 +79,11 @@ struct Wave {
   int current = -1;
 };
 inline Wave* wave = nullptr;
-inline bool reverse_order = false;  // run the fibers from the last to the first (see run_wave)
+// The order the scheduler visits the fibers in on each pass: 0 first to last, 1 last to first, any other value
+// a fresh random permutation per pass with that seed, in which each block also sits out half of the passes: the
+// blocks then progress at uneven speeds, as on a GPU, and a look-back meets other mixes of finished and
+// unfinished predecessors (in the fixed orders every block advances in step).
+inline unsigned schedule = 0;
 
 constexpr size_t kStackBytes = 64 * 1024;  // the scan kernels' frames take a few KB
 constexpr unsigned kWaveThreads = 8192;
@@ -136,7 +142,7 @@ inline bool release_barriers() {
   return released;
 }
 
-// Fibers run in index order (or its reverse), each until it waits, yields or ends; then barriers whose threads
+// Fibers run in the schedule's order, each until it waits, yields or ends; then barriers whose threads
 // have all arrived open. With shared memory starting as NaN, a missing barrier between a write and a read by a
 // thread that runs earlier shows up in the results.
 inline void run_wave(const std::vector<Dim3>& idx, unsigned threads, size_t smem_bytes,
@@ -163,12 +169,23 @@ inline void run_wave(const std::vector<Dim3>& idx, unsigned threads, size_t smem
     makecontext(&f.ctx, fiber_main, 0);
   }
   const size_t n = w.fibers.size();
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = schedule == 1 ? n - 1 - i : i;
+  std::mt19937 rng(schedule);
   while (error.empty()) {
     bool ran = false;
+    if (schedule > 1) {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (auto& b : w.blocks) b.sits_out = rng() & 1;
+    }
     for (size_t i = 0; i < n && error.empty(); ++i) {
-      const size_t k = reverse_order ? n - 1 - i : i;
+      const size_t k = order[i];
       Fiber& f = w.fibers[k];
       if (f.state != State::kRunnable) continue;
+      if (w.blocks[f.block].sits_out) {
+        ran = true;  // sits this pass out: still runnable, so no barrier check
+        continue;
+      }
       w.current = (int)k;
       thread_idx = Dim3{f.tid % block_dim.x, (f.tid / block_dim.x) % block_dim.y, f.tid / (block_dim.x * block_dim.y)};
       block_idx = w.blocks[f.block].idx;

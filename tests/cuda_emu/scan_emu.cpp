@@ -83,7 +83,7 @@ using namespace groupmamba;
 
 extern "C" const char* gm_emu_error() { return emu::error.c_str(); }
 
-extern "C" void gm_emu_set_reverse_order(int on) { emu::reverse_order = on != 0; }
+extern "C" void gm_emu_set_schedule(unsigned schedule) { emu::schedule = schedule; }
 
 extern "C" int gm_emu_scan_fwd(int dtype, const void* u, void* y, float* states, const float* Wx, const float* Wdt,
                                const float* bias, const float* Alog, const float* D, int64_t B, int64_t H, int64_t W,

@@ -9,8 +9,8 @@ extern "C" {
 // The emulator's first failure since the last call of either entry point ("" if none).
 const char* gm_emu_error();
 
-// Threads of a block run from the first (0) or from the last (1); see cuda_emu.h.
-void gm_emu_set_reverse_order(int on);
+// The fibers run first to last (0), last to first (1) or shuffled with that seed (any other value); see cuda_emu.h.
+void gm_emu_set_schedule(unsigned schedule);
 
 // dtype: 0 float32, 1 bfloat16, 2 float16 (u, y, dy, du); the parameters, states and gradients are float32.
 // Outputs are allocated by the caller: y and du like u; states (B, 4, ceil(L / chunk), d, N).
