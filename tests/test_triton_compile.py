@@ -148,7 +148,7 @@ def test_add_norm_kernels_compile_for_sm90(name, M, d, scale):
 @pytest.mark.parametrize("H", [56, 14])
 def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
     from groupmamba.ops import triton_dwconv as td
-    block_h, block_c, num_warps = td.tiles(H, C, forward=True)
+    block_h, block_c, num_warps = td.tiles(H, C)
     kernel, ints = td._dwconv_fwd, ("H", "W", "CV", "NHB")
     vec = channel_split(C)[1]
     # the forward with and without the pre-activation store, and the backward's dx pass (taps rotated, no bias),
@@ -159,8 +159,8 @@ def test_dwconv_kernel_compiles_for_sm90(H, C, fn, act):
                       HAS_BIAS=not dx_pass, FLIP_TAPS=dx_pass, SUM_OUT=sum_out)
         compiled = compile_sm90(kernel, consts, {k: "i32" for k in ints}, {"X", "OUT", "PRE"}, act, num_warps)
         assert len(compiled.asm["cubin"]) > 0
-    block_h, block_c, num_warps = td.tiles(H, C)
     for act_code in (td.ACTS[fn], 0):     # the backward's weight-gradient pass: fused, and over a given g
+        block_h, block_c, num_warps, _ = td.wgrad_tiles(H, C, act_code != 0)
         consts = dict(ACT=act_code, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec)
         compiled = compile_sm90(td._dwconv_wgrad, consts, {k: "i32" for k in ints + ("NRB", "PER_PROGRAM")},
                                 {"X", "GO", "G"}, act, num_warps)
@@ -185,9 +185,10 @@ def test_sum_middle_kernel_compiles_for_sm90():
 
 def compile_colsum(N, act, act_code):
     from groupmamba.ops import triton_colsum as tc
-    consts = dict(ACT=act_code, BLOCK_M=tc.CONFIG["block_m"], BLOCK_N=tc.CONFIG["block_n"], VEC=channel_split(N)[1])
+    bm, bn, nw = tc.tile(N, act_code)
+    consts = dict(ACT=act_code, BLOCK_M=bm, BLOCK_N=bn, VEC=channel_split(N)[1])
     return compile_sm90(tc._colsum_partial, consts, {"M": "i32", "NV": "i32", "ROWS": "i32"},
-                        {"G", "PRE", "GPRE"}, act, tc.CONFIG["num_warps"])
+                        {"G", "PRE", "GPRE"}, act, nw)
 
 
 def global_access_widths(compiled) -> set:
@@ -214,14 +215,14 @@ def test_unaligned_widths_get_wide_loads(C):
     They used to load and store 2 bytes at a time, and the column sum ran at 0.44 TB/s at C = 424 (H200)."""
     from groupmamba.ops import triton_dwconv as td
     widths = {"colsum": global_access_widths(compile_colsum(C, "*bf16", 0))}
-    block_h, block_c, num_warps = td.tiles(14, C, forward=True)
+    block_h, block_c, num_warps = td.tiles(14, C)
     vec = channel_split(C)[1]
     consts = dict(ACT=1, STORE_PRE=False, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec, HAS_BIAS=True,
                   FLIP_TAPS=False)
     widths["dwconv fwd"] = global_access_widths(compile_sm90(
         td._dwconv_fwd, consts, {k: "i32" for k in ("H", "W", "CV", "NHB")}, {"X", "OUT", "PRE"}, "*bf16",
         num_warps))
-    block_h, block_c, num_warps = td.tiles(14, C)
+    block_h, block_c, num_warps, _ = td.wgrad_tiles(14, C, True)
     widths["dwconv wgrad"] = global_access_widths(compile_sm90(
         td._dwconv_wgrad, dict(ACT=1, BLOCK_H=block_h, BLOCK_C=block_c, VEC=vec),
         {k: "i32" for k in ("H", "W", "CV", "NHB", "NRB", "PER_PROGRAM")}, {"X", "GO", "G"}, "*bf16", num_warps))

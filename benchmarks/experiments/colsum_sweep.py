@@ -1,11 +1,12 @@
 """Tile sweep of triton_colsum.column_sum (the Linear and conv bias gradients) at GroupMamba's shapes.
 
-    python benchmarks/experiments/colsum_sweep.py          # CUDA; about 30 s on an H200
+    python benchmarks/experiments/colsum_sweep.py          # CUDA; about 60 s on an H200
 
 bench_gemm (fourth set) measured column_sum at (401408, 64) at 33% of copy bandwidth with its one tile for
 all widths, 32 rows x 128 columns: at 64 columns half of each tile is masked off. This times every
 configuration of the grid below for each (M, N) as CUDA-graph replays, checks each result against a float64
-sum, and prints the fastest per shape next to the default.
+sum, and prints the old single tile, the width rule now in triton_colsum.tile() and the fastest per shape;
+then the same old-vs-rule comparison for column_sum_act_grad (GELU) at the FFN widths.
 """
 from __future__ import annotations
 
@@ -26,13 +27,28 @@ SHAPES = [(401408, 64), (401408, 96), (100352, 128), (100352, 192), (25088, 348)
 GRID = dict(block_m=(32, 64, 128), block_n=(64, 128, 256), num_warps=(4, 8), programs=(1024, 2048))
 
 
+OLD = dict(block_m=32, block_n=128, num_warps=4)   # the single tile before the eighteenth set
+ACT_SHAPES = [(401408, 256), (100352, 512), (25088, 1392), (401408, 512)]   # FFN hidden widths (GELU)
+
+
+def timed(fn, cfg):
+    """fn's CUDA-graph time (ms) with triton_colsum.CONFIG set to cfg (None values: the width rule)."""
+    saved = dict(TC.CONFIG)
+    TC.CONFIG.update(cfg)
+    try:
+        return graph_ms(fn, 50)
+    finally:
+        TC.CONFIG.update(saved)
+
+
 def main():
     assert torch.cuda.is_available(), "needs a GPU"
     print("GPU:", torch.cuda.get_device_name(), "| torch", torch.__version__, flush=True)
     bw = copy_bandwidth_gbs()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
-    default = dict(TC.CONFIG)
-    print("| M | N | default us (% copy) | fastest us (% copy) | fastest config |\n|---|---|---|---|---|")
+    rule = dict(block_m=None, block_n=None, num_warps=None)
+    print("| M | N | old 32x128/4 us (% copy) | rule us (% copy), tile | fastest us (% copy) | fastest config |")
+    print("|---|---|---|---|---|---|")
     for M, N in SHAPES:
         g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
         ref = g.double().sum(0)
@@ -40,18 +56,31 @@ def main():
         for bm, bn, nw, pr in itertools.product(*GRID.values()):
             if bm * bn > 16384 or bn > 2 * max(N, 64):
                 continue
-            TC.CONFIG.update(block_m=bm, block_n=bn, num_warps=nw, programs=pr)
+            cfg = dict(block_m=bm, block_n=bn, num_warps=nw, programs=pr)
+            saved = dict(TC.CONFIG)
+            TC.CONFIG.update(cfg)
             out = TC.column_sum(g)
+            TC.CONFIG.update(saved)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             if not err < 1e-5:
-                raise AssertionError(f"column_sum wrong at {(M, N)} with {TC.CONFIG}: rel err {err}")
-            results.append((graph_ms(lambda: TC.column_sum(g), 50), dict(TC.CONFIG)))
-        TC.CONFIG.update(default)
-        t0 = graph_ms(lambda: TC.column_sum(g), 50)
+                raise AssertionError(f"column_sum wrong at {(M, N)} with {cfg}: rel err {err}")
+            results.append((timed(lambda: TC.column_sum(g), cfg), cfg))
+        t_old = timed(lambda: TC.column_sum(g), OLD)
+        t_rule = timed(lambda: TC.column_sum(g), rule)
         t, cfg = min(results, key=lambda r: r[0])
-        gbs = lambda ms: g.numel() * g.element_size() / ms / 1e6  # noqa: E731
-        print(f"| {M} | {N} | {t0 * 1e3:.1f} ({gbs(t0) / bw:.0%}) | {t * 1e3:.1f} ({gbs(t) / bw:.0%}) | "
-              f"{cfg['block_m']}x{cfg['block_n']}, {cfg['num_warps']} warps, {cfg['programs']} programs |", flush=True)
+        pct = lambda ms: g.numel() * g.element_size() / ms / 1e6 / bw  # noqa: E731
+        bm, bn, nw = TC.tile(N)
+        print(f"| {M} | {N} | {t_old * 1e3:.1f} ({pct(t_old):.0%}) | {t_rule * 1e3:.1f} ({pct(t_rule):.0%}), "
+              f"{bm}x{bn}/{nw} | {t * 1e3:.1f} ({pct(t):.0%}) | {cfg['block_m']}x{cfg['block_n']}, "
+              f"{cfg['num_warps']} warps, {cfg['programs']} programs |", flush=True)
+    print("\ncolumn_sum_act_grad (GELU; reads g and pre, writes g * gelu'(pre)):")
+    print("| M | N | old 32x128/4 us | rule us | rule / old |\n|---|---|---|---|---|")
+    for M, N in ACT_SHAPES:
+        g = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        pre = torch.randn_like(g)
+        t_old = timed(lambda: TC.column_sum_act_grad(g, pre, "gelu"), OLD)
+        t_rule = timed(lambda: TC.column_sum_act_grad(g, pre, "gelu"), rule)
+        print(f"| {M} | {N} | {t_old * 1e3:.1f} | {t_rule * 1e3:.1f} | {t_rule / t_old:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import triton.language as tl
 from ._util import channel_split
 from .triton_act import gelu_grad, silu_grad
 
-# BLOCK_M x BLOCK_N tile per loop step; PROGRAMS: about how many programs to launch (a few per SM)
-CONFIG = {"block_m": 32, "block_n": 128, "num_warps": 4, "programs": 1024}
+# BLOCK_M x BLOCK_N tile per loop step, num_warps (None: by width, see tile()); PROGRAMS: about how many
+# programs to launch (a few per SM)
+CONFIG = {"block_m": None, "block_n": None, "num_warps": None, "programs": 1024}
 # sum_middle: BLOCK_T x BLOCK_N tile per loop step of one program (narrow columns: more programs, each with
 # all of its tile's loads in flight at once)
 MIDDLE = {"block_t": 64, "block_n": 32, "num_warps": 4}
@@ -96,6 +97,22 @@ def sum_middle(p: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def tile(N: int, act: int = 0):
+    """(BLOCK_M, BLOCK_N, num_warps) for N columns (act: _colsum_partial's ACT), CONFIG's values where set.
+    The plain sum: 64 columns per tile; 32 rows x 8 warps from 256 columns in 16-byte rows (N % 8 == 0), else
+    64 rows x 4 warps. Through an activation's derivative: 32 x 128 x 4 warps. From the tile sweep on an H200
+    (benchmarks/experiments/colsum_sweep.py, eighteenth set, bf16, GroupMamba-T/B bias-gradient shapes at
+    B=128): against the earlier single tile (32 x 128, 4 warps) the plain sum took 24.7 instead of 35.0 us at
+    (401408, 64), where half of that tile was masked off, and 7-15% less at the other shapes, within 2% of
+    the sweep's fastest except at (401408, 96) (37.5 against 32.4 us); with the GELU derivative, 64-column
+    tiles were 13-20% slower than the earlier tile. (25088, 348) with 32 x 64 x 8 warps: 14.5 us, 10.5 here."""
+    if act:
+        rule = (32, 128, 4)
+    else:
+        rule = (32, 64, 8) if N >= 256 and N % 8 == 0 else (64, 64, 4)
+    return tuple(CONFIG[k] or r for k, r in zip(("block_m", "block_n", "num_warps"), rule))
+
+
 def split_rows(M: int, block: int, programs: int):
     """(rows per program, a multiple of ``block``; how many programs) to spread M rows over about
     ``programs`` programs (at least one, at most one per block)."""
@@ -124,7 +141,7 @@ def _column_sums(g, pre, gpre, act: int, op: str):
     M, N = g.shape
     if M == 0:
         return torch.zeros(N, device=g.device, dtype=torch.float32)
-    bm, bn = CONFIG["block_m"], CONFIG["block_n"]
+    bm, bn, nw = tile(N, act)
     n_blocks = triton.cdiv(N, bn)
     rows, progs_m = split_rows(M, bm, CONFIG["programs"] // n_blocks)
     if rows * N >= 2 ** 31:
@@ -133,5 +150,5 @@ def _column_sums(g, pre, gpre, act: int, op: str):
     nv, vec = channel_split(N)
     _colsum_partial[(progs_m, n_blocks)](g, partial, M, nv, rows, g if pre is None else pre,
                                          g if gpre is None else gpre, ACT=act, BLOCK_M=bm, BLOCK_N=bn, VEC=vec,
-                                         num_warps=CONFIG["num_warps"])
+                                         num_warps=nw)
     return sum_middle(partial[None])[0] if progs_m > 1 else partial[0]
