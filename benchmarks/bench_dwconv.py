@@ -34,7 +34,8 @@ FWD_CONFIGS = [(4, 128, 4), (2, 128, 4), (8, 64, 4), (2, 64, 2), (4, 256, 8), (4
 # (block_h, block_c, num_warps)
 # backward variants: (name, triton_dwconv.CONFIG overrides, forward under keep_preactivation, as ConvFFN's
 # checkpoint recompute runs it); the shipped settings first for each of the two cases
-BACKWARDS = [("fused", {}, False), ("fused, 2-row tiles", {"block_h": 2}, False), ("split", {"wgrad": "split"}, False),
+BACKWARDS = [("fused", {}, False), ("fused, 2-row tiles", {"block_h": 2, "wgrad_tile": (2, 128, 4)}, False),
+             ("split", {"wgrad": "split"}, False),
              ("cuDNN wgrad", {"wgrad": "cudnn"}, False),
              ("cuDNN wgrad + dgrad", {"wgrad": "cudnn", "triton_dgrad": False}, False),
              ("kept: split", {}, True), ("kept: cuDNN wgrad", {"wgrad_kept": "cudnn"}, True)]

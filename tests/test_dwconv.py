@@ -150,12 +150,12 @@ def _interpret_checks():
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from groupmamba.ops import triton_dwconv as td
     defaults = dict(td.CONFIG)
-    for shape, act, (bh, bc) in INTERPRET_CASES:
-        td.CONFIG.update(defaults, block_h=bh, block_c=bc)
+    for shape, act, (bh, bc) in INTERPRET_CASES:   # the same tile for the forward and the wgrad pass
+        td.CONFIG.update(defaults, block_h=bh, block_c=bc, wgrad_tile=(bh, bc, 4))
         inp = make(*shape)
         compare(run(D.dwconv_act_fused, inp, act), hand64(inp, act), 1e-5, 1e-4, f"interpreter {shape} {act}")
     for programs in (1, 7, 10):   # the weight-gradient pass: one program, ragged and even row-block splits
-        td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_programs=programs)
+        td.CONFIG.update(defaults, block_h=2, block_c=16, wgrad_tile=(2, 16, 4), wgrad_programs=programs)
         inp = make(3, 7, 5, 40)
         compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4, f"interpreter {programs} programs")
     for shape, act, (bh, bc) in INTERPRET_CASES[:4]:     # x_bias: its gradient summed by the dx pass
@@ -165,7 +165,8 @@ def _interpret_checks():
     # x_bias at one row, one column, 2 x 2, rows not a multiple of the tile; the dx pass's partial sums (2-row
     # tiles: several per image) and cuDNN's dx summed by column_sum (triton_dgrad off)
     for triton_dgrad in (True, False):
-        td.CONFIG.update(defaults, wgrad_programs=3, block_h=2, block_c=16, triton_dgrad=triton_dgrad)
+        td.CONFIG.update(defaults, wgrad_programs=3, block_h=2, block_c=16, wgrad_tile=(2, 16, 4),
+                         triton_dgrad=triton_dgrad)
         for shape in ((5, 1, 7, 16), (3, 6, 1, 8), (4, 2, 2, 40), (5, 9, 4, 24)):
             inp = make(*shape, x_bias=True)
             compare(run(D.dwconv_act_fused, inp, "gelu"), hand64(inp, "gelu"), 1e-5, 1e-4,

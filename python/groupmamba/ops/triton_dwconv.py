@@ -49,10 +49,10 @@ from .triton_act import gelu, gelu_grad, silu, silu_grad
 from .triton_colsum import column_sum, column_sum_act_grad
 
 ACTS = {"none": 0, "silu": 1, "gelu": 2}
-# block_h x block_c: output rows x channels per program (channels capped at C's next power of two); None:
-# 4 x 128 for H >= 28; below, 8 x 64 for the forward kernel (the forward and the dx pass: 105 vs 111 us at
+# block_h x block_c, num_warps: the forward kernel's (and the dx pass's) output rows x channels per program
+# (channels capped at C's next power of two); None: 4 x 128 for H >= 28, else 8 x 64 (105 vs 111 us at
 # GroupMamba-B's stage-3 FFN conv, 38 vs 46 at 7x7, in the H200 sweep of benchmarks/bench_dwconv.py
-# --sweep, eleventh set) and 2 x 128 for the weight-gradient pass; num_warps
+# --sweep, eleventh set). The weight-gradient pass has its own table, WGRAD_TILES.
 # fused_act_bwd (the split and cudnn methods below): the activation derivative and bias-gradient sum in one
 # Triton pass (triton_colsum.column_sum_act_grad) instead of torch's silu/gelu_backward + column_sum
 # triton_dgrad: the input gradient with _dwconv_fwd (taps rotated) instead of cuDNN's dgrad
@@ -63,18 +63,41 @@ ACTS = {"none": 0, "silu": 1, "gelu": 2}
 # its result (ACT 0); "cudnn" = the same activation backward, then cuDNN's wgrad. Defaults: the fastest
 # pair in whole-step A/B runs on an H200 (BENCHMARKS.md, seventh set); a fused pass that loaded a kept
 # pre-activation was 1.1-1.2x slower than split at the FFN shapes and was removed.
-# wgrad_programs: about how many programs the wgrad pass launches (the partials' rows).
+# wgrad_tile (block_h, block_c, num_warps) and wgrad_programs (about how many programs, the partials' rows):
+# the weight-gradient pass's, None: from WGRAD_TILES.
 CONFIG = {"block_h": None, "block_c": None, "num_warps": 4, "fused_act_bwd": True, "triton_dgrad": True,
-          "wgrad": "fused", "wgrad_kept": "split", "wgrad_programs": 2048}
+          "wgrad": "fused", "wgrad_kept": "split", "wgrad_tile": None, "wgrad_programs": None}
+
+# The weight-gradient pass's (block_h, block_c, num_warps, programs) by image height (the first row whose
+# height H reaches), for the fused pass (the activation's derivative from a recomputed pre-activation) and for
+# a given g (ACT 0). From benchmarks/experiments/dwconv_wgrad_sweep.py (H200, eighteenth set, B=128, bf16,
+# GroupMamba-T's convs; us for the pass and its column sum, the earlier 4 x 128 x 4 warps x 2048 programs
+# -> this table): fused (the mixer convs, SiLU) 56x56 C=64 131 -> the same (the sweep's best: 128),
+# 28x28 C=128 118 -> 71, 14x14 C=348 74 -> 57, 7x7 C=448 35 -> 21; given g (the FFN convs) 56x56 C=512
+# 339 -> 296, 28x28 C=1024 201 -> 162, 14x14 C=1392 77 -> 71, 7x7 C=1792 44 -> 37. Smaller tiles and fewer
+# warps per program won at 28x28 and below, where 4 x 128 tiles left too few programs per SM.
+WGRAD_TILES = {
+    True: ((56, (4, 128, 4, 2048)), (28, (1, 128, 2, 4096)), (14, (1, 128, 1, 4096)), (0, (4, 32, 2, 1024))),
+    False: ((56, (4, 64, 4, 1024)), (14, (2, 128, 4, 1024)), (0, (4, 64, 4, 1024))),
+}
 
 
-def tiles(H: int, C: int, forward: bool = False):
-    """(BLOCK_H, BLOCK_C, num_warps) for an H-row image with C channels; forward: for _dwconv_fwd (else for
-    _dwconv_wgrad)."""
-    small = (8, 64) if forward else (2, 128)
-    block_h = CONFIG["block_h"] or (4 if H >= 28 else small[0])
-    block_c = min(CONFIG["block_c"] or (128 if H >= 28 else small[1]), max(16, triton.next_power_of_2(C)))
+def tiles(H: int, C: int):
+    """(BLOCK_H, BLOCK_C, num_warps) of _dwconv_fwd (the forward and the dx pass) for an H-row image with C
+    channels."""
+    block_h = CONFIG["block_h"] or (4 if H >= 28 else 8)
+    block_c = min(CONFIG["block_c"] or (128 if H >= 28 else 64), max(16, triton.next_power_of_2(C)))
     return block_h, block_c, CONFIG["num_warps"]
+
+
+def wgrad_tiles(H: int, C: int, fused: bool):
+    """(BLOCK_H, BLOCK_C, num_warps, programs) of _dwconv_wgrad for an H-row image with C channels; fused:
+    the pass applies the activation's derivative (ACT != 0)."""
+    block_h, block_c, num_warps, programs = next(t for h, t in WGRAD_TILES[fused] if H >= h)
+    if CONFIG["wgrad_tile"]:
+        block_h, block_c, num_warps = CONFIG["wgrad_tile"]
+    return (block_h, min(block_c, max(16, triton.next_power_of_2(C))), num_warps,
+            CONFIG["wgrad_programs"] or programs)
 
 
 @triton.jit
@@ -285,7 +308,7 @@ def _conv(x, taps, bias, act: str, keep_pre: bool = False, flip_taps: bool = Fal
     B, H, W, C = x.shape
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if keep_pre else out   # out: a placeholder pointer, never written
-    bh, bc, nw = tiles(H, C, forward=True)
+    bh, bc, nw = tiles(H, C)
     nhb = triton.cdiv(H, bh)
     psum = torch.empty((B * nhb, C), device=x.device, dtype=torch.float32) if sum_out else out   # else a placeholder
     if out.numel():
@@ -303,10 +326,10 @@ def _conv_grads(x, grad_out, taps, bias, act: str):
     """(g = grad_out * act'(pre) in grad_out's dtype (grad_out itself for act "none"), the taps' gradient
     (9, C) and the bias gradient (C,), both fp32) from one _dwconv_wgrad pass over x and grad_out."""
     B, H, W, C = x.shape
-    bh, bc, nw = tiles(H, C)
+    bh, bc, nw, target = wgrad_tiles(H, C, act != "none")
     nhb = triton.cdiv(H, bh)
     n_blocks, n_cblocks = B * nhb, triton.cdiv(C, bc)
-    per_program = triton.cdiv(n_blocks, max(1, CONFIG["wgrad_programs"] // n_cblocks))
+    per_program = triton.cdiv(n_blocks, max(1, target // n_cblocks))
     programs = triton.cdiv(n_blocks, per_program)
     g = grad_out if act == "none" else torch.empty_like(grad_out)
     partial = torch.empty(programs, 10, C, device=x.device, dtype=torch.float32)
