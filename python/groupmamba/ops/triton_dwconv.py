@@ -75,7 +75,7 @@ CONFIG = {"block_h": None, "block_c": None, "num_warps": 4, "fused_act_bwd": Tru
 # -> this table): fused (the mixer convs, SiLU) 56x56 C=64 131 -> the same (the sweep's best: 128),
 # 28x28 C=128 118 -> 71, 14x14 C=348 74 -> 57, 7x7 C=448 35 -> 21; given g (the FFN convs) 56x56 C=512
 # 339 -> 296, 28x28 C=1024 201 -> 162, 14x14 C=1392 77 -> 71, 7x7 C=1792 44 -> 37. Smaller tiles and fewer
-# warps per program won at 28x28 and below, where 4 x 128 tiles left too few programs per SM.
+# warps per program won at 28x28 and below (why was not profiled; more programs in flight per SM is a guess).
 WGRAD_TILES = {
     True: ((56, (4, 128, 4, 2048)), (28, (1, 128, 2, 4096)), (14, (1, 128, 1, 4096)), (0, (4, 32, 2, 1024))),
     False: ((56, (4, 64, 4, 1024)), (14, (2, 128, 4, 1024)), (0, (4, 64, 4, 1024))),
