@@ -1,6 +1,7 @@
 """Channel modulation: fused Triton kernels vs the unfused torch reference, forward and forward+backward.
 
     python benchmarks/bench_modulation.py [--batch 128] [--dtypes fp32,bf16,fp16] [--stages T|B] [--sweep] [--sweep-bwd]
+        [--sweep-warps]
 
 Per GroupMamba-T stage (L, C) and dtype, the chain timed is the layer's:
     xn, pooled = layernorm_pool(x); s = sigmoid(pooled); out = modulate_layernorm(y, xn, s, skip)
@@ -90,16 +91,18 @@ def bench_case(B, L, C, dt, impl, graph: bool, eager: bool = True, library_ops: 
     return res
 
 
-def tile_sweep(B, stages, fused, sizes, keys, title):
-    """Table rows: fwd+bwd graph time (bf16) per stage with each of ``sizes`` set as the CONFIG ``keys``."""
-    lines = ["", title, "", "| L | C | " + " | ".join(str(e) for e in sizes) + " |", "|---|---|" + "---|" * len(sizes)]
+def tile_sweep(B, stages, fused, configs, title):
+    """Table rows: fwd+bwd graph time (bf16) per stage for each (column label, CONFIG overrides) of
+    ``configs``."""
+    lines = ["", title, "", "| L | C | " + " | ".join(label for label, _ in configs) + " |",
+             "|---|---|" + "---|" * len(configs)]
     saved = dict(M._tm.CONFIG)
     for L, C in stages:
         ts = []
-        for e in sizes:
-            M._tm.CONFIG.update({k: e for k in keys})
+        for _, over in configs:
+            M._tm.CONFIG.update(over)
             ts.append(bench_case(B, L, C, torch.bfloat16, fused, graph=True, eager=False)["fwdbwd_graph"] * 1e3)
-        M._tm.CONFIG.update(saved)
+            M._tm.CONFIG.update(saved)
         lines.append(f"| {L} | {C} | " + " | ".join(f"{t:.0f}" for t in ts) + " |")
         print(lines[-1], flush=True)
     return lines
@@ -118,6 +121,8 @@ def main():
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
     ap.add_argument("--sweep", action="store_true", help="also sweep the tile size (elements per program), bf16")
     ap.add_argument("--sweep-bwd", action="store_true", help="also sweep the backward's tile size alone, bf16")
+    ap.add_argument("--sweep-warps", action="store_true",
+                    help="also sweep tile size x warps per program (forward and backward alike), bf16")
     ap.add_argument("--stages", default="T", choices=("T", "B"), help="GroupMamba-T/S or -B stage shapes")
     args = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA device"
@@ -162,12 +167,17 @@ def main():
         *rows,
     ]
     if args.sweep:
-        table += tile_sweep(B, stages, fused, (2048, 4096, 8192), ("fwd_elems", "bwd_elems"),
+        table += tile_sweep(B, stages, fused, [(str(e), {"fwd_elems": e, "bwd_elems": e}) for e in (2048, 4096, 8192)],
                             "Tile sweep (bf16, fwd+bwd graph replay, us): elements per program (fwd = bwd)")
     if args.sweep_bwd:
-        table += tile_sweep(B, stages, fused, (1024, 2048, 4096, 8192), ("bwd_elems",),
+        table += tile_sweep(B, stages, fused, [(str(e), {"bwd_elems": e}) for e in (1024, 2048, 4096, 8192)],
                             "Backward tile sweep (bf16, fwd+bwd graph replay, us; forward at its default tiles): "
                             "elements per program of the backward kernels")
+    if args.sweep_warps:
+        configs = [("default", {})] + [(f"{e}/{w}", {"fwd_elems": e, "bwd_elems": e, "num_warps": w})
+                                       for e in (2048, 8192, 16384) for w in (2, 4, 8, 16) if 256 * w <= e <= 2048 * w]
+        table += tile_sweep(B, stages, fused, configs, "Tile x warps sweep (bf16, fwd+bwd graph replay, us): "
+                            "elements per program / warps per program (forward and backward alike)")
     text = "\n".join(table) + "\n"
     print(text)
     out = os.environ.get("OUT")

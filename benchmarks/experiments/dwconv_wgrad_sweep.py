@@ -39,7 +39,8 @@ def rel(a, b):
 
 def main():
     assert torch.cuda.is_available(), "needs a GPU"
-    print("GPU:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__, flush=True)
+    print("GPU:", torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__,
+          flush=True)
     bw = copy_bandwidth_gbs()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     saved = dict(td.CONFIG)

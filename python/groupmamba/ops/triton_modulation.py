@@ -31,9 +31,10 @@ from .triton_colsum import column_sum, sum_middle
 
 NAMESPACE = "groupmamba_triton"
 
-# Elements (BLOCK_L * BLOCK_C) per program; None: AUTO_ELEMS. The benchmark sweeps these.
+# Elements (BLOCK_L * BLOCK_C) per program; None: AUTO_ELEMS. num_warps: None: _util.tile_warps. The
+# benchmark sweeps these (bench_modulation.py --sweep, --sweep-bwd, --sweep-warps).
 # eager_library_ops: use the torch.library ops outside torch.compile too (slower host path; for tests).
-CONFIG = {"fwd_elems": None, "bwd_elems": None, "eager_library_ops": False}
+CONFIG = {"fwd_elems": None, "bwd_elems": None, "num_warps": None, "eager_library_ops": False}
 
 
 def AUTO_ELEMS(block_c: int, backward: bool = False) -> int:
@@ -48,7 +49,7 @@ def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
     elems = elems or AUTO_ELEMS(block_c, backward)
     block_l = max(1, min(triton.next_power_of_2(L), elems // block_c))
     n_tiles = triton.cdiv(L, block_l)
-    return block_l, block_c, n_tiles, tile_warps(block_l * block_c)
+    return block_l, block_c, n_tiles, CONFIG["num_warps"] or tile_warps(block_l * block_c)
 
 
 # ----------------------------------------------------------------------------------------------
