@@ -6,8 +6,8 @@
 //
 // What it checks: the kernels' indexing, masking, barriers (the live threads of a block waiting at different
 // barriers, e.g. a full-mask shuffle that some lanes never reach, is reported as a deadlock), the look-back's
-// protocol under the interleavings of the chosen schedule (see `schedule`), and the arithmetic. What it does not check: the GPU memory model (every
-// access here is sequentially consistent), performance. Shared memory starts as NaN, so a read of an element
+// protocol under the interleavings of the chosen schedule (see `schedule`), and the arithmetic. What it does
+// not check: the GPU memory model (every access here is sequentially consistent), performance. Shared memory starts as NaN, so a read of an element
 // no thread wrote shows up in the results.
 //
 // Include this before the kernel source, which must be compiled with GROUPMAMBA_CUDA_EMULATION defined.
