@@ -76,14 +76,16 @@ def fused(x, w, b, rm, rv, training):
     return TB.batch_norm_relu(x, w, b, rm, rv, training, MOMENTUM, EPS)
 
 
-def check(inp, training, what):
+def check(inp, training, what, fp32_tol=1e-5):
+    """fp32_tol: the float32 tolerance of out, dx, dweight and dbias (a large mean needs more, see
+    INTERPRET_CASES)."""
     res = run(fused, inp, training)
     ref = ref64(inp, training, mask=(res["out"] > 0).double().cpu())
     bf16 = inp["x"].dtype == torch.bfloat16
     assert res["out"].dtype == inp["x"].dtype and res["out"].is_contiguous(memory_format=torch.channels_last)
     # compare() uses the second tolerance for dweight / dbias; running stats go through rel_err below
     stats = {k: ref.pop(k) for k in ("running_mean", "running_var") if k in ref}
-    compare(res, ref, 1e-2 if bf16 else 1e-5, 1e-4 if bf16 else 1e-5, what)
+    compare(res, ref, 1e-2 if bf16 else fp32_tol, 1e-4 if bf16 else fp32_tol, what)
     for k, v in stats.items():
         e = rel_err(res[k], v)
         assert e <= (1e-4 if bf16 else 1e-5), (what, k, e)
@@ -120,7 +122,10 @@ def test_batch_norm_relu_rejects_bad_input():
                            True, 0.1, 1e-5)
 
 
-# (B, C, H, W, dtype, mean offset): odd channel counts, ragged rows, bf16, a large mean
+# (B, C, H, W, dtype, mean offset): odd channel counts, ragged rows, bf16, a large mean. At mean 200 and spread 2,
+# each float32 step on x - mean rounds by up to ulp(200) / 2 = 7.6e-6 of the spread, so out's relative error
+# reaches 1e-5 on some draws (1.04e-5 seen in CI): its tolerance is 4e-5 there, still far under what a
+# variance by E[x^2] - E[x]^2 would give (about 200^2 / 2^2 x 6e-8 = 6e-4).
 INTERPRET_CASES = [(2, 5, 7, 9, torch.float32, 0.0), (3, 32, 6, 6, torch.bfloat16, 0.0),
                    (2, 3, 11, 5, torch.float32, 200.0), (1, 16, 3, 1, torch.float32, 0.0)]
 
@@ -131,7 +136,8 @@ def _interpret_checks():
     TB.CONFIG.update(block_r=16, programs=4, apply_block_r=32)   # several programs and loop steps
     for B, C, H, W, dt, offset in INTERPRET_CASES:
         for training in (True, False):
-            check(make(B, C, H, W, dt, offset=offset), training, f"interpreter {B}x{C}x{H}x{W} {dt} {training}")
+            check(make(B, C, H, W, dt, offset=offset), training, f"interpreter {B}x{C}x{H}x{W} {dt} {training}",
+                  fp32_tol=4e-5 if offset > 100 else 1e-5)
     TB.CONFIG.update(saved)
     print("interpreter checks passed")
 
