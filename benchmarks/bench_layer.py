@@ -83,15 +83,18 @@ def fwd_bwd_fns(fn, inputs, params, ctx):
 
 # ---- the fast path, op by op (mirrors GroupMambaLayer.forward / _mix_fused) -------------------------
 
+def layer_norm_pool(layer: GroupMambaLayer, x):
+    """The layer's first step: (xn, pooled[, xn in the autocast dtype, which feeds in_proj])."""
+    norm = layer.norm
+    return layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=autocast_dtype(x))
+
+
 def fast_parts(layer: GroupMambaLayer, H: int, W: int, w):
     """[(name, fn, inputs, outputs)] whose chain x -> ... -> out is the fused layer, step for step as
     GroupMambaLayer._forward runs it: the same dtypes between steps (under autocast layernorm_pool's xn copy
     feeds in_proj and modulate_layernorm writes the autocast dtype, so no part times a cast the layer does not
     make) and the group weights ``w`` packed once, as the layer packs them once per call."""
     norm, C = layer.norm, layer.dim
-
-    def lnp(x):
-        return layernorm_pool(x, norm.weight, norm.bias, norm.eps, copy_dtype=autocast_dtype(x))
 
     def pack(xnc):   # the packing's outputs that exist (the bmm projections have no block-diagonal weights)
         return tuple(t for t in layer.group_weights(xnc.view(xnc.shape[0], H, W, C)) if t is not None)
@@ -107,7 +110,7 @@ def fast_parts(layer: GroupMambaLayer, H: int, W: int, w):
                                   out_dtype=autocast_dtype(ym))
 
     return [
-        ("layernorm_pool", lnp, ["x"], ["xn", "pooled", "xnc"]),
+        ("layernorm_pool", lambda x: layer_norm_pool(layer, x), ["x"], ["xn", "pooled", "xnc"]),
         ("channel_attn (fc1/fc2)", layer.channel_attention, ["pooled"], ["s"]),
         ("group weights (packing)", pack, ["xnc"], []),
         ("in_proj", in_proj, ["xnc"], ["xp", "z"]),
@@ -129,8 +132,7 @@ def breakdown(layer, x, H, W, ctx, device, warmup, iters, graph=False):
     vals = {"x": x.detach()}
     B, L, C = x.shape
     with torch.no_grad(), ctx():
-        xn, _, *copy = layernorm_pool(x, layer.norm.weight, layer.norm.bias, layer.norm.eps,
-                                      copy_dtype=autocast_dtype(x))
+        xn, _, *copy = layer_norm_pool(layer, x)
         packed = layer.group_weights((copy[0] if copy else xn).view(B, H, W, C))
     w = type(packed)(*(None if t is None else t.detach().requires_grad_(t.is_floating_point()) for t in packed))
     leaves = [t for t in w if t is not None]

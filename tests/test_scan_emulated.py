@@ -163,7 +163,8 @@ def test_emulated_kernels_match_reference_half(emu, shape, dtype):
     check(emu, *dims, dtype, expect, reverse=dtype == torch.float16)
 
 
-# 6 segments per sequence both ways: a walk can pass two aggregates, where the rounding order shows
+# 6 segments per sequence both ways: look-backs meet predecessors with only their aggregates out (a look-back
+# that composed two or more of them rounded differently from run to run, and failed here)
 @pytest.mark.parametrize("shape", [(1, 36, 36, 16, 1, 64), (1, 13, 13, 87, 1, 32)],
                          ids=lambda s: "{}x{}_d{}_chunk{}".format(*s[1:4], s[5]))
 def test_emulated_kernels_deterministic(emu, shape):

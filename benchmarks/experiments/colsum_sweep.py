@@ -10,6 +10,7 @@ then column_sum_act_grad's tile (32 x 128) against 64-column tiles at the FFN an
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import sys
@@ -33,14 +34,21 @@ ACT_SHAPES = [(401408, 256, "gelu"), (100352, 512, "gelu"), (25088, 1392, "gelu"
               (401408, 64, "silu"), (100352, 128, "silu"), (25088, 348, "silu")]
 
 
-def timed(fn, cfg):
-    """fn's CUDA-graph time (ms) with triton_colsum.CONFIG set to cfg (None values: the width rule)."""
+@contextlib.contextmanager
+def configured(cfg):
+    """triton_colsum.CONFIG set to cfg (None values: the width rule) inside the block."""
     saved = dict(TC.CONFIG)
     TC.CONFIG.update(cfg)
     try:
-        return graph_ms(fn, 50)
+        yield
     finally:
         TC.CONFIG.update(saved)
+
+
+def timed(fn, cfg):
+    """fn's CUDA-graph time (ms) under configured(cfg)."""
+    with configured(cfg):
+        return graph_ms(fn, 50)
 
 
 def main():
@@ -59,10 +67,8 @@ def main():
             if bm * bn > 16384 or bn > 2 * max(N, 64):
                 continue
             cfg = dict(block_m=bm, block_n=bn, num_warps=nw, programs=pr)
-            saved = dict(TC.CONFIG)
-            TC.CONFIG.update(cfg)
-            out = TC.column_sum(g)
-            TC.CONFIG.update(saved)
+            with configured(cfg):
+                out = TC.column_sum(g)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             if not err < 1e-5:
                 raise AssertionError(f"column_sum wrong at {(M, N)} with {cfg}: rel err {err}")

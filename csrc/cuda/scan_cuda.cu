@@ -71,6 +71,8 @@ __host__ __device__ constexpr int next_pow2(int v) {
   return p;
 }
 constexpr int kCPT = 4;        // channels per thread (fast path)
+// Fast path: the lanes that share a scan step, kCPT channels each, rounded up to a power of two.
+__host__ __device__ constexpr int lanes_per_step(int d) { return next_pow2((d + kCPT - 1) / kCPT); }
 constexpr int kKF = 4;         // steps per thread, forward
 constexpr int kKB = 4;         // steps per thread, backward
 constexpr int kThreadsF = 256;  // forward blocks: at most 256 threads, 3 per SM (80 registers)
@@ -346,7 +348,7 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
     sD[i] = prm.D[g * d + i];
   }
 
-  const int cvp = DS ? next_pow2((DS + kCPT - 1) / kCPT) : p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
+  const int cvp = DS ? lanes_per_step(DS) : p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
   const bool run_ok = run < p.NR;
   const int t0 = s * p.Ls + run * K;
   bool cok[CPT];
@@ -558,7 +560,7 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
     sD[i] = prm.D[g * d + i];
   }
 
-  const int cvp = DS ? next_pow2((DS + kCPT - 1) / kCPT) : p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
+  const int cvp = DS ? lanes_per_step(DS) : p.cvp, cv = tid & (cvp - 1), run = tid / cvp, c0 = cv * CPT;
   const bool run_ok = run < p.NR;
   const int t0 = s * p.Ls + run * K;
   bool cok[CPT];
@@ -1073,7 +1075,7 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
   FastParams& p = pl.p;
   p.B = (int)s.B; p.H = (int)s.H; p.W = (int)s.W; p.C = (int)s.C; p.d = (int)s.d; p.R = (int)s.R;
   p.L = (int)s.L; p.chunk = (int)chunk; p.nch = (int)num_chunks(s.L, chunk);
-  p.cvp = next_pow2((p.d + kCPT - 1) / kCPT);
+  p.cvp = lanes_per_step(p.d);
   const int max_steps = (max_threads / p.cvp) * K;
   if (backward) {
     if (p.chunk > max_steps) return pl;
@@ -1128,8 +1130,9 @@ size_t generic_bwd_smem(const ScanDims& s) {
 // Row slices of reduce_level1 for `rows` = B * segments rows per group.
 int reduce_slices(int rows) { return (rows + kSlice - 1) / kSlice; }
 
-// The look-back over a workspace of 2 * slots + 1 int64 words set to all ones (empty slots; the ticket counter
-// wraps to 0 on its first increment).
+// The look-back over a workspace of look_back_words(slots) int64 words set to all ones (empty slots; the ticket
+// counter wraps to 0 on its first increment): aggregates, inclusives, then the ticket.
+int64_t look_back_words(int64_t slots) { return 2 * slots + 1; }
 LookBack look_back_view(int64_t* ws, int64_t slots) {
   auto* w = reinterpret_cast<unsigned long long*>(ws);
   return LookBack{w, w + slots, reinterpret_cast<unsigned*>(w + 2 * slots)};
@@ -1188,7 +1191,7 @@ auto pick_bwd(int vec, bool wide, int d, int R) { return pick_kernel<BwdKernels<
 #if !defined(GROUPMAMBA_CUDA_EMULATION)
 // The look-back workspace as a tensor (`ws` keeps it alive).
 LookBack look_back_workspace(at::Tensor& ws, int64_t slots, const at::TensorOptions& opts) {
-  ws = at::full({2 * slots + 1}, -1, opts.dtype(at::kLong));
+  ws = at::full({look_back_words(slots)}, -1, opts.dtype(at::kLong));
   return look_back_view(ws.data_ptr<int64_t>(), slots);
 }
 template <typename Fn>

@@ -256,6 +256,10 @@ T exchange(T v, int src) {
   return r;
 }
 
+inline void require_full_warp(unsigned mask, int width) {
+  if (mask != 0xffffffffu || width != 32) fail("only full-warp shuffles of width 32 are emulated");
+}
+
 }  // namespace emu
 
 #define threadIdx (::emu::thread_idx)
@@ -266,18 +270,18 @@ T exchange(T v, int src) {
 inline void __syncthreads() { ::emu::switch_out(::emu::State::kBlockBarrier); }
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  if (mask != 0xffffffffu || width != 32) ::emu::fail("only full-warp shuffles of width 32 are emulated");
+  ::emu::require_full_warp(mask, width);
   return ::emu::exchange(v, ::emu::lane() ^ lane_mask);
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  if (mask != 0xffffffffu || width != 32) ::emu::fail("only full-warp shuffles of width 32 are emulated");
+  ::emu::require_full_warp(mask, width);
   const int src = ::emu::lane() - (int)delta;
   return ::emu::exchange(v, src < 0 ? -1 : src);
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  if (mask != 0xffffffffu || width != 32) ::emu::fail("only full-warp shuffles of width 32 are emulated");
+  ::emu::require_full_warp(mask, width);
   const int src = ::emu::lane() + (int)delta;
   return ::emu::exchange(v, src >= 32 ? -1 : src);
 }

@@ -19,7 +19,7 @@ int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, Param
   const int64_t nch = num_chunks(s.L, chunk);
   const FastPlan pl = plan_fwd(s, chunk);
   if (pl.ok) {
-    std::vector<int64_t> ws(2 * (size_t)pl.nrec * s.d + 1, -1);
+    std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
     auto kern = pick_fwd<T>(vector_width<T>(s.d, {u, y}), pl.p.cvp > 8, pl.p.d, pl.p.R);
     emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb); });
@@ -43,7 +43,7 @@ int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const 
   if (pl.ok) {
     nseg = pl.p.nseg;
     partial.assign((size_t)pl.nrec * E, nan);
-    std::vector<int64_t> ws(2 * (size_t)pl.nrec * s.d + 1, -1);
+    std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
     auto kern = pick_bwd<T>(vector_width<T>(s.d, {u, dy, du}), pl.p.cvp > 8, pl.p.d, pl.p.R);
     emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem,
