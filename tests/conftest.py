@@ -25,6 +25,15 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def float32_scan_tol(d: int) -> float:
+    """Relative-error bound for float32 scan outputs and gradients with d channels per group: 1e-5, except
+    d = 1. With one channel, each direction's parameter gradient is a single sum over the steps, not averaged
+    over channels, and on draws where its terms cancel float32 loses more: the CPU kernel at (2, 7, 1, 1, 1)
+    and (1, 1, 3, 1, 3, 7), 80000 draws, exceeded 1e-5 on 12 (at most 9.3e-5; a float32 evaluation of the
+    reference lost 2e-5 - 3.5e-5 on the same draws). d = 2 and 3 stayed under 3.6e-6 in 30000 draws each."""
+    return 1e-4 if d == 1 else 1e-5
+
+
 def random_scan_inputs(B, H, W, d, N=1, R=None, dtype=torch.float64, param_dtype=None, device="cpu", seed=None):
     """Fresh random operands for grouped_scan with realistic magnitudes (delta ~ 0.01..1)."""
     g = torch.Generator(device="cpu")
