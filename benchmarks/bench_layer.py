@@ -5,6 +5,8 @@
                                                               #   CUDA-graph replays with --graph)
     python benchmarks/bench_layer.py --graph                  # + fwd+bwd as CUDA-graph replays (device time)
     python benchmarks/bench_layer.py --baseline-shapes all    # baseline on every shape (slow)
+    python benchmarks/bench_layer.py --scan-with-out-norm ab  # + the layer with the scan and out_norm * SiLU(z)
+                                                              #   as one op, timed in the same run
     python benchmarks/bench_layer.py --device cpu --quick     # smoke test (tiny shapes, < 60 s)
 
 The layer (models/mixer.py) is in/out projections, depthwise conv, the four-direction scan and the
@@ -109,14 +111,18 @@ def fast_parts(layer: GroupMambaLayer, H: int, W: int, w):
         return modulate_layernorm(ym, xn, s, layer.skip_scale, norm.weight, norm.bias, norm.eps,
                                   out_dtype=autocast_dtype(ym))
 
+    if layer.scan_with_out_norm:
+        mix = [("grouped_scan+out_norm*gate", lambda u, z: layer.scan_out_norm_gate(u, z, w), ["u", "z"], ["yg"])]
+    else:
+        mix = [("grouped_scan", lambda u: layer.grouped_scan(u, w), ["u"], ["y"]),
+               ("out_norm*gate", lambda y, z: layer.out_norm_gate(y, z, w), ["y", "z"], ["yg"])]
     return [
         ("layernorm_pool", lambda x: layer_norm_pool(layer, x), ["x"], ["xn", "pooled", "xnc"]),
         ("channel_attn (fc1/fc2)", layer.channel_attention, ["pooled"], ["s"]),
         ("group weights (packing)", pack, ["xnc"], []),
         ("in_proj", in_proj, ["xnc"], ["xp", "z"]),
         ("conv+silu", lambda xp: layer.conv_silu(xp, w), ["xp"], ["u"]),
-        ("grouped_scan", lambda u: layer.grouped_scan(u, w), ["u"], ["y"]),
-        ("out_norm*gate", lambda y, z: layer.out_norm_gate(y, z, w), ["y", "z"], ["yg"]),
+        *mix,
         ("out_proj", out_proj, ["yg"], ["ym"]),
         ("modulate_layernorm", modulate, ["ym", "xn", "s"], ["m"]),
         ("proj", layer.proj, ["m"], ["out"]),
@@ -189,6 +195,9 @@ def main(argv=None) -> int:
     ap.add_argument("--graph", action="store_true",
                     help="also time the fast fwd+bwd as CUDA-graph replays (device time, no host launch overhead); "
                          "the target is then judged on that time")
+    ap.add_argument("--scan-with-out-norm", choices=("off", "on", "ab"), default="off",
+                    help="GroupMambaLayer.scan_with_out_norm for the fast path: off, on, or ab (both, same run: "
+                         "the table is the off path, the A/B table after it)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 
@@ -234,11 +243,24 @@ def main(argv=None) -> int:
                 params = list(layer.parameters())
                 fn = lambda inp: layer(inp, hw, hw)  # noqa: E731
                 layer.fused = True
+                layer.scan_with_out_norm = args.scan_with_out_norm == "on"
                 fwd, fb = fwd_bwd_fns(fn, [x], params, ctx)
                 r["fwd"] = time_ms(fwd, device, warmup, iters)
                 r["fb"] = time_ms(fb, device, warmup, iters)
                 if args.graph and not cpu:
                     r["fb_graph"] = graph_ms(fb, iters, warmup)
+                if args.scan_with_out_norm == "ab":  # the same layer and input with the joined op, then without
+                    r["ab"] = [r["fwd"], r["fb"], r.get("fb_graph")]
+                    for flag in (True, False):
+                        layer.scan_with_out_norm = flag
+                        fwd2, fb2 = fwd_bwd_fns(fn, [x], params, ctx)
+                        r["ab"] += [time_ms(fwd2, device, warmup, iters), time_ms(fb2, device, warmup, iters),
+                                    graph_ms(fb2, iters, warmup) if args.graph and not cpu else None]
+                    with torch.no_grad(), ctx():
+                        joined = fn(x)
+                        layer.scan_with_out_norm = True
+                        r["ab_diff"] = (fn(x).float() - joined.float()).abs().max().item()
+                        layer.scan_with_out_norm = False
                 if args.breakdown:
                     prow, err = breakdown(layer, x, hw, hw, ctx, device, warmup, iters, graph=args.graph and not cpu)
                     parts.append((shape, dt, r.get("fb_graph", r["fb"]), prow, err))
@@ -287,6 +309,22 @@ def main(argv=None) -> int:
                   f"sum of parts {total:.3f} ms; chain vs layer max |diff| {err:.2e})", "",
                   "| op | fwd ms | fwd+bwd ms | share of sum |", "|---|---|---|---|"]
         lines += [f"| {n} | {f:.3f} | {fb:.3f} | {100 * fb / total:.0f}% |" for n, f, fb in prow]
+    if any("ab" in r for r in rows):
+        def ms(v):
+            return "-" if v is None else f"{v:.3f}"
+        lines += ["", "### scan_with_out_norm A/B (same layer and input; order: off, on, off again)", "",
+                  "| shape | dtype | off fwd / fwd+bwd / graph ms | on fwd / fwd+bwd / graph ms | "
+                  "off again | on vs mean(off), fwd+bwd (graph where timed) | max abs diff of outputs |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if "ab" not in r:
+                continue
+            a = r["ab"]
+            off, on, off2 = a[0:3], a[3:6], a[6:9]
+            k = 2 if off[2] is not None else 1
+            ratio = on[k] / ((off[k] + off2[k]) / 2)
+            lines.append(f"| {r['shape']} | {r['dtype']} | {' / '.join(map(ms, off))} | {' / '.join(map(ms, on))} | "
+                         f"{' / '.join(map(ms, off2))} | {ratio:.3f} | {r['ab_diff']:.2e} |")
     lines += ["", f"total wall time {time.perf_counter() - t_start:.0f} s"]
     text = "\n".join(lines)
     print("\n" + text)

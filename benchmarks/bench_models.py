@@ -169,6 +169,8 @@ def main(argv=None) -> int:
                     help="keep every ConvFFN activation (ffn_recompute=False): memory/speed A/B of the default")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode (e.g. reduce-overhead: CUDA graphs, no per-kernel host launches)")
+    ap.add_argument("--scan-with-out-norm", action="store_true",
+                    help="GroupMambaLayer.scan_with_out_norm: the scan kernels apply each group's out_norm * SiLU(z)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 
@@ -193,13 +195,16 @@ def main(argv=None) -> int:
 
     import groupmamba
     from groupmamba import _native
+    from groupmamba.models.mixer import GroupMambaLayer
+    GroupMambaLayer.scan_with_out_norm = args.scan_with_out_norm
 
     gpu = device_name(device)
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
               f"native ops: {_native.native_available()} | img {args.img} | proj_impl {args.proj_impl}"
               f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}"
               f"{' | ffn_recompute off' if args.no_ffn_recompute else ''}"
-              f"{' | whole-step CUDA graph' if args.cuda_graph else ''}")
+              f"{' | whole-step CUDA graph' if args.cuda_graph else ''}"
+              f"{' | scan_with_out_norm' if args.scan_with_out_norm else ''}")
     print(header, flush=True)
 
     rows = []

@@ -8,7 +8,11 @@ bandwidth measured in the same run, and the speed-up over the unfused official-s
 few repetitions and only for the shapes in --naive). The whole official GroupMamba layer does much more
 than the scan (projections, norms, modulation), so this speed-up is for the scan part alone.
 
-Usage: python benchmarks/bench_scan.py [--models T,S,B] [--dtypes fp32,bf16,fp16] [--naive T]
+With --with-out-norm, also the scan with each group's gated out_norm in its kernels (scan_norm_fwd / _bwd)
+against the same work unfused in the same run: the scan ops plus group_layer_norm's Triton forward and backward
+(LayerNorm_g(y) * SiLU(z) written in u's dtype, as the model runs them).
+
+Usage: python benchmarks/bench_scan.py [--models T,S,B] [--dtypes fp32,bf16,fp16] [--naive T] [--with-out-norm]
 Writes the markdown table to $OUT/bench_scan.md when OUT is set.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 import groupmamba  # noqa: F401
 from groupmamba import _native
-from groupmamba.ops import grouped_scan_naive
+from groupmamba.ops import group_layer_norm, grouped_scan_naive
 from groupmamba.ops.scan import default_chunk
 
 from benchutil import copy_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
@@ -66,12 +70,59 @@ def make_inputs(H, C, dtype, seed):
     return u, dy, (Wx, Wdt, bias, A_log, D)
 
 
+def time_out_norm(sets, chunk, dtype, tf, tb, it):
+    """(fused fwd, fused bwd, unfused fwd, unfused bwd) in us; tf, tb: the plain scan's ms from the same run."""
+    eps = 1e-5
+    d = sets[0][0].shape[-1] // 4
+    dev = sets[0][0].device
+    g = torch.Generator(device=dev).manual_seed(1)
+    zs = [torch.randn(u.shape, device=dev, generator=g).to(dtype) for u, _, _ in sets]
+    nw = 1 + 0.1 * torch.randn(4, d, device=dev, generator=g)
+    nb = 0.1 * torch.randn(4, d, device=dev, generator=g)
+    fwd_op, bwd_op = torch.ops.groupmamba.scan_norm_fwd, torch.ops.groupmamba.scan_norm_bwd
+    saved = [fwd_op(u, z, *p, nw, nb, eps, chunk)[1:] for (u, _, p), z in zip(sets, zs)]
+    ys = [torch.ops.groupmamba.scan_fwd(u, *p, chunk)[0] for u, _, p in sets]
+    n = len(sets)
+
+    def nxt():
+        i = it[0] = (it[0] + 1) % n
+        return i
+
+    def fused_fwd():
+        i = nxt()
+        u, _, p = sets[i]
+        return fwd_op(u, zs[i], *p, nw, nb, eps, chunk)
+
+    def fused_bwd():
+        i = nxt()
+        u, dy, p = sets[i]
+        return bwd_op(dy, u, zs[i], *p, nw, nb, eps, *saved[i], chunk)
+
+    def norm_fwd():
+        i = nxt()
+        return group_layer_norm(ys[i], nw, nb, eps, gate=zs[i], out_dtype=dtype)
+
+    leaves = [(y.clone().requires_grad_(), z.clone().requires_grad_()) for y, z in zip(ys, zs)]
+    nwl, nbl = nw.clone().requires_grad_(), nb.clone().requires_grad_()
+
+    def norm_fwd_bwd():
+        i = nxt()
+        y, z = leaves[i]
+        out = group_layer_norm(y, nwl, nbl, eps, gate=z, out_dtype=dtype)
+        return torch.autograd.grad(out, (y, z, nwl, nbl), sets[i][1])
+
+    tnf, tnfb = do_bench(norm_fwd), do_bench(norm_fwd_bwd)
+    return (do_bench(fused_fwd) * 1e3, do_bench(fused_bwd) * 1e3, (tf + tnf) * 1e3, (tb + tnfb - tnf) * 1e3)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="T,S,B")
     ap.add_argument("--dtypes", default="fp32,bf16,fp16")
     ap.add_argument("--naive", default="T", help="models whose stages also time the naive path ('' for none)")
     ap.add_argument("--chunk", type=int, default=None, help="steps per chunk (default: what grouped_scan picks per shape)")
+    ap.add_argument("--with-out-norm", action="store_true",
+                    help="also time the scan with the gated out_norm fused against scan + group_layer_norm")
     args = ap.parse_args()
     assert torch.cuda.is_available() and _native.cuda_kernels_available(), "needs the CUDA build"
     name = torch.cuda.get_device_name()
@@ -80,7 +131,7 @@ def main():
     bw = copy_bandwidth_gbs()
     print(f"device-to-device copy: {bw:.0f} GB/s (read + write)", flush=True)
     fwd_op, bwd_op = torch.ops.groupmamba.scan_fwd, torch.ops.groupmamba.scan_bwd
-    rows, naive_cache = [], {}
+    rows, naive_cache, norm_rows = [], {}, []
     for model in args.models.split(","):
         for stage, (H, C) in enumerate(STAGES[model], 1):
             for dn in args.dtypes.split(","):
@@ -104,6 +155,8 @@ def main():
                     return bwd_op(dy, u, *p, states[i], chunk)
 
                 tf, tb = do_bench(fwd), do_bench(bwd)
+                if args.with_out_norm:
+                    norm_rows.append((f"{model}{stage}", dn) + time_out_norm(sets, chunk, dtype, tf, tb, it))
                 bf, bb = 2 * numel * es, 3 * numel * es
                 gf, gb, gt = bf / tf / 1e6, bb / tb / 1e6, (bf + bb) / (tf + tb) / 1e6
                 key = (H, C)
@@ -142,6 +195,13 @@ def main():
         sp = f"{r[12]:.0f}x" if r[12] else "-"
         lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]:.1f} | {r[6]:.1f} | {r[7]:.0f} | {r[8]:.0f} | "
                      f"{r[9]:.0f} | {100 * r[10]:.0f}% | {nv} | {sp} |")
+    if norm_rows:
+        lines += ["", "Scan with the gated out_norm in its kernels (scan_norm_fwd/_bwd) against scan_fwd/_bwd + "
+                  "group_layer_norm (Triton) forward and backward, same run:", "",
+                  "| stage | dtype | fused fwd us | fused bwd us | unfused fwd us | unfused bwd us | fused / unfused "
+                  "fwd+bwd |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1f} | "
+                  f"{(r[2] + r[3]) / (r[4] + r[5]):.3f} |" for r in norm_rows]
     table = "\n".join(lines)
     print("\n" + table)
     if os.environ.get("OUT"):

@@ -18,4 +18,13 @@ TORCH_LIBRARY(groupmamba, m) {
   // Backward: gradients for u and every parameter, recomputing inside each chunk from `states`.
   m.def("scan_bwd(Tensor grad_y, Tensor u, Tensor x_proj_weight, Tensor dt_proj_weight, Tensor dt_bias, "
         "Tensor A_log, Tensor D, Tensor states, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The scan followed by each group's gated out_norm: out = LayerNorm_g(y) * SiLU(z), u's dtype, the states and
+  // the norm's statistics (B, H, W, 4, 2) for the backward (scan_norm.h).
+  m.def("scan_norm_fwd(Tensor u, Tensor z, Tensor x_proj_weight, Tensor dt_proj_weight, Tensor dt_bias, "
+        "Tensor A_log, Tensor D, Tensor norm_weight, Tensor norm_bias, float eps, int chunk) "
+        "-> (Tensor, Tensor, Tensor)");
+  // Gradients for u, z, the scan's parameters and the norm's weight and bias.
+  m.def("scan_norm_bwd(Tensor grad_out, Tensor u, Tensor z, Tensor x_proj_weight, Tensor dt_proj_weight, "
+        "Tensor dt_bias, Tensor A_log, Tensor D, Tensor norm_weight, Tensor norm_bias, float eps, Tensor states, "
+        "Tensor stats, int chunk) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -9,7 +9,8 @@
     x, z       = grouped in_proj(xn)                           one GEMM each (block-diagonal or bmm)
     u          = SiLU(depthwise 3x3 conv over all 4d channels)
     y          = grouped_scan(u, ...)                          all four directions in one call
-    y          = per-group LayerNorm(y) * SiLU(z)              stacked out_norm weights
+    y          = per-group LayerNorm(y) * SiLU(z)              stacked out_norm weights (with the scan in one
+                                                               op when scan_with_out_norm is set)
     y          = grouped out_proj(y)
     out        = proj(LayerNorm(y * skip_scale * xn * s))      modulate_layernorm (same LayerNorm as xn)
 
@@ -27,7 +28,8 @@ import torch
 import torch.nn as nn
 
 from groupmamba.ops import (add_layernorm_pool, dual_linear, dwconv_act, group_layer_norm, grouped_scan,
-                            grouped_scan_naive, layernorm_pool, linear, modulate_layernorm, residual_add)
+                            grouped_scan_naive, grouped_scan_norm, layernorm_pool, linear, modulate_layernorm,
+                            residual_add)
 from groupmamba.ops._util import autocast_dtype
 
 from .group_weights import GroupWeights, pack_group_weights, scan_params, stack_group_weights
@@ -95,7 +97,15 @@ class GroupMambaLayer(nn.Module):
     ``bmm`` (a batched GEMM over groups: exact MACs, two layout copies) or ``auto`` (block-diagonal
     on CUDA, bmm on CPU). On an H200 the bmm's weight gradient at d = 87 (C = 348) ran as an unaligned
     32x32-tile kernel, 0.66 ms per call; the dense GEMM with 4x the MACs is far cheaper there.
+
+    ``scan_with_out_norm`` (class default False; set it on an instance or the class) runs the scan and the
+    out_norm * SiLU(z) as one op, ops.grouped_scan_norm: on CUDA the scan kernels apply the norm and y never
+    reaches memory. Off until a device run shows the layer faster with it (benchmarks/bench_layer.py
+    --scan-with-out-norm); the norm then sees y before its rounding to bfloat16, a difference of about one
+    bfloat16 step.
     """
+
+    scan_with_out_norm = False
 
     def __init__(self, dim: int, out_dim: int | None = None, d_state: int = 1, d_conv: int = 3,
                  expand: float = 1.0, reduction: int = 16, fused: bool = True, proj_impl: str = "auto"):
@@ -188,8 +198,12 @@ class GroupMambaLayer(nn.Module):
         the groups' weights ``w`` (group_weights), which a step called alone builds itself."""
         w = self.group_weights(xn)
         x, z = self.grouped_in_proj(xn, w)
-        y = self.grouped_scan(self.conv_silu(x, w), w)
-        return self.grouped_out_proj(self.out_norm_gate(y, z, w), w)
+        u = self.conv_silu(x, w)
+        if self.scan_with_out_norm and z.dtype == u.dtype:
+            y = self.scan_out_norm_gate(u, z, w)
+        else:
+            y = self.out_norm_gate(self.grouped_scan(u, w), z, w)
+        return self.grouped_out_proj(y, w)
 
     def group_weights(self, x: torch.Tensor) -> GroupWeights:
         """The groups' parameters in the fused ops' layouts for input x: packed by one autograd node where
@@ -238,6 +252,12 @@ class GroupMambaLayer(nn.Module):
         already in the autocast dtype: its only consumer is out_proj, whose input cast rounds the same."""
         w = self.group_weights(y) if w is None else w
         return group_layer_norm(y, w.norm_w, w.norm_b, self.groups[0].out_norm.eps, gate=z, out_dtype=autocast_dtype(y))
+
+    def scan_out_norm_gate(self, u: torch.Tensor, z: torch.Tensor, w: GroupWeights | None = None) -> torch.Tensor:
+        """grouped_scan then out_norm_gate as one op (ops.grouped_scan_norm); u and z of one dtype, the result's."""
+        w = self.group_weights(u) if w is None else w
+        nw, nb = (t.to(w.x_proj.dtype) for t in (w.norm_w, w.norm_b))   # float32 already unless bf16-pure
+        return grouped_scan_norm(u, z, w.x_proj, w.dt_w, w.dt_b, w.A_log, w.D, nw, nb, self.groups[0].out_norm.eps)
 
     def grouped_out_proj(self, y: torch.Tensor, w: GroupWeights | None = None) -> torch.Tensor:
         """Every group's out_proj in one GEMM, (B, H, W, C) -> (B, H, W, C)."""

@@ -359,6 +359,23 @@ def test_grads_fused_equal_unfused():
         assert rel_err(fused[n], unfused[n]) <= 1e-5, n  # the official-style scan computes in float32
 
 
+def test_scan_with_out_norm_same_outputs_and_grads(monkeypatch):
+    """GroupMambaLayer.scan_with_out_norm (scan and out_norm * SiLU(z) as one op) changes no result."""
+    from groupmamba.models.mixer import GroupMambaLayer
+    torch.manual_seed(0)
+    model = randomize_(create_model("groupmamba_demo", num_classes=10), seed=7).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    separate = param_grads(model, x)
+    calls = []
+    real = GroupMambaLayer.scan_out_norm_gate
+    monkeypatch.setattr(GroupMambaLayer, "scan_out_norm_gate", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(GroupMambaLayer, "scan_with_out_norm", True)
+    joined = param_grads(model, x)
+    assert calls, "the joined op did not run"
+    for n in separate:  # skip_scale: its true gradient is ~0 (see _assert_grads_close)
+        assert n.endswith("skip_scale") or rel_err(joined[n], separate[n]) <= 1e-9, n
+
+
 def test_grads_native_equal_reference_fp32(monkeypatch):
     torch.manual_seed(0)
     model = randomize_(create_model("groupmamba_demo", num_classes=10), seed=6).train()
@@ -660,6 +677,30 @@ def test_gpu_fused_equals_reference(cuda_tiny, monkeypatch, no_tf32):
             _assert_grads_close(grads2, ref_grads, impl)
     finally:
         model.set_proj_impl("auto")
+
+
+@pytest.mark.gpu
+def test_gpu_scan_with_out_norm_equals_reference(cuda_tiny, monkeypatch, no_tf32):
+    """The scan kernels with the out_norm fused (GroupMambaLayer.scan_with_out_norm) in the whole model, against
+    the PyTorch reference; and finite under bfloat16 autocast."""
+    from groupmamba.models.mixer import GroupMambaLayer
+    model, x = cuda_tiny
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    monkeypatch.setenv("GROUPMAMBA_FORCE_REFERENCE", "1")
+    ref_out, ref_grads = _cuda_grads(model, x)
+    monkeypatch.delenv("GROUPMAMBA_FORCE_REFERENCE")
+    monkeypatch.setattr(GroupMambaLayer, "scan_with_out_norm", True)
+    out, grads = _cuda_grads(model, x)
+    assert rel_err(out, ref_out) <= 1e-4
+    _assert_grads_close(grads, ref_grads, "auto")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        h, dh = model(x)
+    (h.float().square().mean() + dh.float().mean()).backward()
+    assert torch.isfinite(h).all() and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                           if p.grad is not None)
 
 
 @pytest.mark.gpu

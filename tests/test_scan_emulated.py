@@ -1,4 +1,4 @@
-"""The CUDA scan kernels (csrc/cuda/scan_cuda.cu) run on the CPU by emulation, against the float64 reference.
+"""The CUDA scan kernels (csrc/cuda/scan_kernels.cuh) run on the CPU by emulation, against the float64 reference.
 
 CI has no GPU, so without this the kernels' logic would be checked only on the device. tests/cuda_emu compiles
 the kernel source with g++ for a fiber-based emulator (one fiber per CUDA thread, barriers and warp shuffles
@@ -20,6 +20,7 @@ import torch
 
 from conftest import random_scan_inputs, rel_err
 from groupmamba.ops import grouped_scan_reference
+from groupmamba.ops.norm import group_layer_norm_reference
 
 REPO = Path(__file__).resolve().parents[1]
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
@@ -52,6 +53,9 @@ def emu(tmp_path_factory):
     so.gm_emu_scan_fwd.restype = so.gm_emu_scan_bwd.restype = ctypes.c_int
     so.gm_emu_error.restype = ctypes.c_char_p
     so.gm_emu_set_schedule.argtypes = [ctypes.c_uint]
+    so.gm_emu_scan_norm_fwd.argtypes = [ctypes.c_int] + [P] * 12 + [ctypes.c_double] + [I64] * 7
+    so.gm_emu_scan_norm_bwd.argtypes = [ctypes.c_int] + [P] * 14 + [ctypes.c_double] + [P] * 7 + [I64] * 7
+    so.gm_emu_scan_norm_fwd.restype = so.gm_emu_scan_norm_bwd.restype = ctypes.c_int
     return so
 
 
@@ -200,3 +204,94 @@ def test_emulated_kernels_memcheck(tmp_path):
     report = r.stdout + r.stderr
     assert r.returncode == 0 and "ERROR" not in r.stderr and "runtime error" not in r.stderr, report[-6000:]
     assert report.count(": kernels ") == 8 and "FAILED" not in report, report[-6000:]
+    assert report.count("norm kernels fast/fast") == 5, report[-6000:]   # the shapes the fast plans take both ways
+
+
+# ---- the gated out_norm fused into the fast kernels (GateNorm) ----------------------------------------------
+NORM_NAMES = ["out", "du", "dz", "dx_proj_weight", "ddt_proj_weight", "ddt_bias", "dA_log", "dD", "dnorm_w",
+              "dnorm_b"]
+EPS = 1e-5  # the model's out_norm (nn.LayerNorm default)
+
+
+def norm_inputs(B, H, W, d, dtype, seed=None):
+    """Scan operands plus the gate z (like u) and the norm's (4, d) weight and bias, float32 parameters."""
+    g = torch.Generator().manual_seed(torch.seed() if seed is None else seed)
+    u64, *params64 = random_scan_inputs(B, H, W, d, dtype=torch.float64, seed=int(torch.randint(1 << 62, (1,), generator=g)))
+    z = torch.randn(u64.shape, generator=g, dtype=torch.float64).to(dtype)
+    norm_w = (1 + 0.2 * torch.randn(4, d, generator=g, dtype=torch.float64)).float()
+    norm_b = (0.2 * torch.randn(4, d, generator=g, dtype=torch.float64)).float()
+    dout = torch.randn(u64.shape, generator=g, dtype=torch.float64).to(dtype)
+    return u64.to(dtype), z, [p.float() for p in params64], norm_w, norm_b, dout
+
+
+def emulated_norm_fwd_bwd(so, u, z, params, norm_w, norm_b, dout, chunk):
+    """(out, du, dz, scan parameter grads, dnorm_w, dnorm_b) from the NORM kernels; None where they do not apply."""
+    B, H, W, C = u.shape
+    A_log, Wdt = params[3], params[1]
+    dims = [B, H, W, C, A_log.shape[-1], Wdt.shape[-1], chunk]
+    code = DTYPE_CODE[u.dtype]
+    out = nan_like(u)
+    states = torch.full((B, 4, -(-H * W // chunk), C // 4, A_log.shape[-1]), float("nan"))
+    stats = torch.full((B, H, W, 4, 2), float("nan"))
+    rc = so.gm_emu_scan_norm_fwd(code, ptr(u), ptr(z), ptr(out), ptr(states), ptr(stats), *map(ptr, params),
+                                 ptr(norm_w), ptr(norm_b), EPS, *dims)
+    if rc == -3:
+        return None
+    assert ran(so, rc, "forward (norm)")
+    assert torch.isfinite(stats).all(), "stats: an element was not written"
+    du, dz = nan_like(u), nan_like(u)
+    grads = [nan_like(p) for p in params] + [nan_like(norm_w), nan_like(norm_b)]
+    rc = so.gm_emu_scan_norm_bwd(code, ptr(dout), ptr(u), ptr(z), ptr(du), ptr(dz), ptr(states), ptr(stats),
+                                 *map(ptr, params), ptr(norm_w), ptr(norm_b), EPS, *map(ptr, grads), *dims)
+    assert ran(so, rc, "backward (norm)")
+    return [out, du, dz] + grads
+
+
+def norm_reference(u, z, params, norm_w, norm_b, dout):
+    leaves = [t.double().requires_grad_() for t in [u, z, *params, norm_w, norm_b]]
+    u_, z_, *scan_params, w_, b_ = leaves
+    out = group_layer_norm_reference(grouped_scan_reference(u_, *scan_params), w_, b_, EPS, gate=z_)
+    out.backward(dout.double())
+    grads = [t.grad for t in leaves]
+    return [out.detach(), grads[0], grads[1]] + grads[2:]
+
+
+# (B, H, W, d, chunk): GroupMamba's compiled-in widths, runtime widths (d = 6: pairs, 8, 40), several segments per
+# sequence both ways, chunk states inside segments, L = 1
+NORM_SHAPES = [
+    (1, 24, 24, 16, 64), (2, 9, 11, 32, 32), (1, 9, 9, 24, 64), (1, 7, 9, 48, 64), (1, 9, 9, 87, 32),
+    (1, 5, 6, 106, 32), (1, 5, 5, 112, 32), (1, 4, 4, 128, 32), (1, 3, 4, 6, 64), (1, 5, 7, 8, 64),
+    (1, 6, 5, 40, 64), (1, 23, 23, 16, 12), (2, 1, 1, 16, 64),
+]
+
+
+def check_norm(so, shape, dtype, tol, reverse=False):
+    B, H, W, d, chunk = shape
+    so.gm_emu_set_schedule(int(reverse))
+    u, z, params, norm_w, norm_b, dout = norm_inputs(B, H, W, d, dtype)
+    got = emulated_norm_fwd_bwd(so, u, z, params, norm_w, norm_b, dout, chunk)
+    assert got is not None, "the fused out_norm kernels did not run (no fast plan)"
+    ref = norm_reference(u, z, params, norm_w, norm_b, dout)
+    errs = {n: rel_err(g, r) for n, g, r in zip(NORM_NAMES, got, ref)}
+    bad = {k: v for k, v in errs.items() if not v <= tol}
+    assert not bad, f"rel errors over {tol}: {bad} (all: {errs})"
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "B{}_{}x{}_d{}_chunk{}".format(*s))
+def test_emulated_norm_kernels_fp32(emu, shape):
+    check_norm(emu, shape, torch.float32, TOL[torch.float32], reverse=shape[3] % 2 == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [NORM_SHAPES[0], NORM_SHAPES[4], NORM_SHAPES[5]], ids=lambda s: f"d{s[3]}")
+def test_emulated_norm_kernels_half(emu, shape, dtype):
+    check_norm(emu, shape, dtype, TOL[dtype], reverse=dtype == torch.float16)
+
+
+def test_emulated_norm_kernels_only_on_the_fast_path(emu):
+    """N = 2, chunks not a multiple of 4, d > 128: no fused out_norm (-3), so the op composes the two there."""
+    for B, H, W, d, N, chunk in [(1, 4, 6, 3, 2, 64), (1, 5, 9, 16, 1, 3), (1, 3, 5, 136, 1, 64)]:
+        u, z, params, norm_w, norm_b, dout = norm_inputs(B, H, W, d, torch.float32)
+        if N != 1:
+            _, *params = random_scan_inputs(B, H, W, d, N=N, dtype=torch.float32)
+        assert emulated_norm_fwd_bwd(emu, u, z, params, norm_w, norm_b, dout, chunk) is None

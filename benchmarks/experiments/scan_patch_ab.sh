@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Same-call A/B of scan-kernel patches on the device. Variants: "base" (the code as it is) and each patch of
 # PATCHES applied alone. All variants are built at once, each from its own copy of the sources into its own
-# install directory (the build is one long nvcc compile of scan_cuda.cu, so N builds on 16 cores take about
-# the time of one); then tests/test_scan_cuda.py runs on every variant (about 25 s each on an H200; one at a
+# install directory (the build is two long nvcc compiles, scan_cuda.cu and scan_norm_cuda.cu, so N builds on 16
+# cores take about the time of one); then tests/test_scan_cuda.py runs on every variant (about 25 s each on an H200; one at a
 # time: side by side, their float64 references on the CPU did not finish in 200 s); then bench_scan.py runs
 # one variant at a time: base, each patch, base again (the two base runs show the run-to-run spread).
 #   PATCHES="benchmarks/experiments/bwd_three_blocks.patch ..."   (required; may be empty quotes: base only)

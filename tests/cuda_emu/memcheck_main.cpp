@@ -1,4 +1,5 @@
-// The emulated scan kernels over a few shapes with every buffer allocated at its exact size, built with
+// The emulated scan kernels (also with the gated out_norm) over a few shapes with every buffer allocated at its
+// exact size, built with
 // AddressSanitizer and UBSan by tests/test_scan_emulated.py: an access past any buffer (global or shared
 // memory) or undefined behaviour fails the run, as compute-sanitizer's memcheck would on the GPU.
 // Usage: scan_memcheck (exit status 0 when every shape ran and wrote finite outputs).
@@ -57,6 +58,38 @@ bool finite(const std::vector<float>& v) {
   return true;
 }
 
+// The kernels with the gated out_norm (where the fast plan applies; -3 = the op composes there).
+bool run_norm(int dtype, int64_t B, int64_t H, int64_t W, int64_t d, int64_t N, int64_t R, int64_t chunk,
+              Elems& u, Elems& dout, const std::vector<float>& Wx, const std::vector<float>& Wdt,
+              const std::vector<float>& bias, const std::vector<float>& Alog, const std::vector<float>& D) {
+  const int64_t C = 4 * d, L = H * W, nch = (L + chunk - 1) / chunk, n = B * L * C;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Elems z(dtype, n, true), out(dtype, n, false), du(dtype, n, false), dz(dtype, n, false);
+  const auto nw = randoms(4 * d, 1.f), nb = randoms(4 * d, 0.2f);
+  auto states = filled(B * 4 * nch * d * N, nan), stats = filled(B * L * 4 * 2, nan);
+  auto dWx = filled(Wx.size(), nan), dWdt = filled(Wdt.size(), nan), dbias = filled(bias.size(), nan),
+       dAlog = filled(Alog.size(), nan), dD = filled(D.size(), nan), dnw = filled(nw.size(), nan),
+       dnb = filled(nb.size(), nan);
+  const int f = gm_emu_scan_norm_fwd(dtype, u.data(), z.data(), out.data(), states.data(), stats.data(), Wx.data(),
+                                     Wdt.data(), bias.data(), Alog.data(), D.data(), nw.data(), nb.data(), 1e-5, B,
+                                     H, W, C, N, R, chunk);
+  const int b = f != 1 ? -3
+                       : gm_emu_scan_norm_bwd(dtype, dout.data(), u.data(), z.data(), du.data(), dz.data(),
+                                              states.data(), stats.data(), Wx.data(), Wdt.data(), bias.data(),
+                                              Alog.data(), D.data(), nw.data(), nb.data(), 1e-5, dWx.data(),
+                                              dWdt.data(), dbias.data(), dAlog.data(), dD.data(), dnw.data(),
+                                              dnb.data(), B, H, W, C, N, R, chunk);
+  bool ok = (f == 1 || f == -3) && (b == 1 || b == -3);
+  for (size_t i = 0; ok && f == 1 && i < out.size(); ++i) ok = std::isfinite(out.get(i));
+  ok = ok && (f != 1 || finite(stats));
+  for (size_t i = 0; ok && b == 1 && i < du.size(); ++i) ok = std::isfinite(du.get(i)) && std::isfinite(dz.get(i));
+  ok = ok && (b != 1 || (finite(dWx) && finite(dWdt) && finite(dbias) && finite(dAlog) && finite(dD) &&
+                         finite(dnw) && finite(dnb)));
+  std::printf("  with the out_norm: norm kernels %s/%s, %s%s\n", f == 1 ? "fast" : "none", b == 1 ? "fast" : "none",
+              ok ? "ok" : "FAILED ", ok ? "" : gm_emu_error());
+  return ok;
+}
+
 bool run(int dtype, int64_t B, int64_t H, int64_t W, int64_t d, int64_t N, int64_t chunk) {
   const int64_t C = 4 * d, L = H * W, R = (d + 15) / 16, nch = (L + chunk - 1) / chunk, n = B * L * C;
   const float nan = std::numeric_limits<float>::quiet_NaN();
@@ -77,7 +110,7 @@ bool run(int dtype, int64_t B, int64_t H, int64_t W, int64_t d, int64_t N, int64
   std::printf("dtype %d B%ld %ldx%ld d%ld N%ld chunk %ld: kernels %s/%s, %s%s\n", dtype, (long)B, (long)H, (long)W,
               (long)d, (long)N, (long)chunk, f == 1 ? "fast" : "generic", b == 1 ? "fast" : "generic",
               ok ? "ok" : "FAILED ", ok ? "" : gm_emu_error());
-  return ok;
+  return ok && run_norm(dtype, B, H, W, d, N, R, chunk, u, dy, Wx, Wdt, bias, Alog, D);
 }
 
 }  // namespace

@@ -1,10 +1,10 @@
-// The CUDA scan kernels (csrc/cuda/scan_cuda.cu) compiled for the CPU emulation in cuda_emu.h, with the same
+// The CUDA scan kernels (csrc/cuda/scan_kernels.cuh) compiled for the CPU emulation in cuda_emu.h, with the same
 // launch planning as the op, behind the C interface of scan_emu.h.
 // Mirrors scan_fwd_cuda / scan_bwd_cuda: plan, workspace, kernel choice, launch, the gradient reduction.
 #include "scan_emu.h"
 
 #include "cuda_emu.h"
-#include "cuda/scan_cuda.cu"
+#include "cuda/scan_kernels.cuh"
 
 namespace groupmamba {
 namespace {
@@ -14,17 +14,26 @@ ScanDims dims(int64_t B, int64_t H, int64_t W, int64_t C, int64_t N, int64_t R) 
 }
 unsigned u32(int64_t v) { return static_cast<unsigned>(v); }
 
+// With gn (the gated out_norm, fast kernels only), y receives its output; -3 where the fast kernels do not apply.
 template <typename T>
-int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, ParamPtrs prm) {
+int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, ParamPtrs prm,
+        const GateNorm<T>* gn = nullptr) {
   const int64_t nch = num_chunks(s.L, chunk);
   const FastPlan pl = plan_fwd(s, chunk);
   if (pl.ok) {
     std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
-    auto kern = pick_fwd<T>(vector_width<T>(s.d, {u, y}), pl.p.cvp > 8, pl.p.d, pl.p.R);
-    emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb); });
+    const emu::Dim3 grid{u32(pl.nrec)}, block{u32(pl.threads)};
+    if (gn) {
+      auto kern = pick_fwd<T, true>(vector_width<T>(s.d, {u, y, gn->z}), pl.p.cvp > 8, pl.p.d, pl.p.R);
+      emu::launch(grid, block, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb, *gn); });
+    } else {
+      auto kern = pick_fwd<T>(vector_width<T>(s.d, {u, y}), pl.p.cvp > 8, pl.p.d, pl.p.R);
+      emu::launch(grid, block, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb, GateNorm<T>{}); });
+    }
     return 1;
   }
+  if (gn) return -3;
   emu::launch({u32(s.B * kGroups)}, {u32(generic_threads(s))}, generic_fwd_smem(s), [&] {
     fwd_generic_kernel<T>(u, y, states, prm, (int)s.B, (int)s.H, (int)s.W, (int)s.d, (int)s.R, (int)s.N, (int)chunk,
                           (int)nch);
@@ -32,11 +41,14 @@ int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, Param
   return 0;
 }
 
+// With gn, dy is the gated out_norm's output gradient; gn->dz, dnw and dnb receive the gate's and the norm's
+// gradients. -3 where the fast kernels do not apply.
 template <typename T>
 int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const float* states, ParamPtrs prm,
-        float* dWx, float* dWdt, float* dbias, float* dAlog, float* dD) {
-  const int E = grad_entries(s);
-  const FastPlan pl = plan_bwd(s, chunk);
+        float* dWx, float* dWdt, float* dbias, float* dAlog, float* dD, const GateNorm<T>* gn = nullptr,
+        float* dnw = nullptr, float* dnb = nullptr) {
+  const int E = grad_entries(s) + (gn ? 2 * (int)s.d : 0);
+  const FastPlan pl = plan_bwd(s, chunk, gn != nullptr);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   int nseg = 1;
   std::vector<float> partial;
@@ -45,9 +57,17 @@ int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const 
     partial.assign((size_t)pl.nrec * E, nan);
     std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
-    auto kern = pick_bwd<T>(vector_width<T>(s.d, {u, dy, du}), pl.p.cvp > 8, pl.p.d, pl.p.R);
-    emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem,
-                [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data()); });
+    const emu::Dim3 grid{u32(pl.nrec)}, block{u32(pl.threads)};
+    if (gn) {
+      auto kern = pick_bwd<T, true>(vector_width<T>(s.d, {u, dy, du, gn->z, gn->dz}), pl.p.cvp > 8, pl.p.d, pl.p.R);
+      emu::launch(grid, block, pl.smem, [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data(), *gn); });
+    } else {
+      auto kern = pick_bwd<T>(vector_width<T>(s.d, {u, dy, du}), pl.p.cvp > 8, pl.p.d, pl.p.R);
+      emu::launch(grid, block, pl.smem,
+                  [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data(), GateNorm<T>{}); });
+    }
+  } else if (gn) {
+    return -3;
   } else {
     partial.assign((size_t)s.B * kGroups * E, nan);
     std::vector<float> hs((size_t)s.B * kGroups * s.L * s.N * s.d, nan);
@@ -61,7 +81,7 @@ int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const 
   emu::launch({u32((E + kRedThreads - 1) / kRedThreads), u32(nsl), u32(kGroups)}, {u32(kRedThreads)}, 0,
               [&] { reduce_level1(partial.data(), l1.data(), (int)s.B, nseg, E, nsl); });
   emu::launch({u32((E + 255) / 256), u32(kGroups)}, {256}, 0, [&] {
-    reduce_level2(l1.data(), nsl, E, (int)s.d, (int)s.R, (int)s.N, dWx, dWdt, dbias, dAlog, dD);
+    reduce_level2(l1.data(), nsl, E, (int)s.d, (int)s.R, (int)s.N, dWx, dWdt, dbias, dAlog, dD, dnw, dnb);
   });
   return pl.ok ? 1 : 0;
 }
@@ -107,6 +127,39 @@ extern "C" int gm_emu_scan_bwd(int dtype, const void* dy, const void* u, void* d
     using T = decltype(tag);
     return bwd<T>(s, chunk, static_cast<const T*>(dy), static_cast<const T*>(u), static_cast<T*>(du), states,
                   ParamPtrs{Wx, Wdt, bias, Alog, D}, dWx, dWdt, dbias, dAlog, dD);
+  });
+  return emu::error.empty() ? rc : -2;
+}
+
+extern "C" int gm_emu_scan_norm_fwd(int dtype, const void* u, const void* z, void* out, float* states, float* stats,
+                                    const float* Wx, const float* Wdt, const float* bias, const float* Alog,
+                                    const float* D, const float* norm_w, const float* norm_b, double eps, int64_t B,
+                                    int64_t H, int64_t W, int64_t C, int64_t N, int64_t R, int64_t chunk) {
+  const ScanDims s = dims(B, H, W, C, N, R);
+  emu::error.clear();
+  const int rc = dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const GateNorm<T> gn{static_cast<const T*>(z), nullptr, norm_w, norm_b, stats, (float)eps};
+    return fwd<T>(s, chunk, static_cast<const T*>(u), static_cast<T*>(out), states,
+                  ParamPtrs{Wx, Wdt, bias, Alog, D}, &gn);
+  });
+  return emu::error.empty() ? rc : -2;
+}
+
+extern "C" int gm_emu_scan_norm_bwd(int dtype, const void* dout, const void* u, const void* z, void* du, void* dz,
+                                    const float* states, float* stats, const float* Wx, const float* Wdt,
+                                    const float* bias,
+                                    const float* Alog, const float* D, const float* norm_w, const float* norm_b,
+                                    double eps, float* dWx, float* dWdt, float* dbias, float* dAlog, float* dD,
+                                    float* dnorm_w, float* dnorm_b, int64_t B, int64_t H, int64_t W, int64_t C,
+                                    int64_t N, int64_t R, int64_t chunk) {
+  const ScanDims s = dims(B, H, W, C, N, R);
+  emu::error.clear();
+  const int rc = dispatch(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const GateNorm<T> gn{static_cast<const T*>(z), static_cast<T*>(dz), norm_w, norm_b, stats, (float)eps};
+    return bwd<T>(s, chunk, static_cast<const T*>(dout), static_cast<const T*>(u), static_cast<T*>(du), states,
+                  ParamPtrs{Wx, Wdt, bias, Alog, D}, dWx, dWdt, dbias, dAlog, dD, &gn, dnorm_w, dnorm_b);
   });
   return emu::error.empty() ? rc : -2;
 }

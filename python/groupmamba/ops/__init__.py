@@ -1,6 +1,7 @@
-"""Ops of GroupMamba: the grouped four-direction selective scan, the channel modulation, the grouped
-(gated) LayerNorm, the residual add + LayerNorm (also with the modulation's pooling) and the residual add, the depthwise conv + activation, a
-Linear with padded GEMMs and the stem's BatchNorm + ReLU."""
+"""Ops of GroupMamba: the grouped four-direction selective scan (also with each group's gated out_norm),
+the channel modulation, the grouped (gated) LayerNorm, the residual add + LayerNorm (also with the
+modulation's pooling) and the residual add, the depthwise conv + activation, a Linear with padded GEMMs and
+the stem's BatchNorm + ReLU."""
 from .batchnorm import bn_relu
 from .dwconv import dwconv_act, keep_preactivation
 from .fast_linear import dual_linear, linear
@@ -10,6 +11,7 @@ from .norm import add_layer_norm, group_layer_norm
 from .reference import GROUPS, grouped_scan_reference, scan_order
 from .residual import residual_add
 from .scan import check_scan_inputs, grouped_scan, register_native_ops
+from .scan_norm import grouped_scan_norm, grouped_scan_norm_reference
 
 register_native_ops()
 
@@ -24,6 +26,8 @@ __all__ = [
     "group_layer_norm",
     "grouped_scan",
     "grouped_scan_naive",
+    "grouped_scan_norm",
+    "grouped_scan_norm_reference",
     "grouped_scan_reference",
     "keep_preactivation",
     "linear",

@@ -150,5 +150,7 @@ def register_native_ops() -> None:
     """Registers fake kernels and autograd once the extension has been loaded."""
     global _registered
     if not _registered and _native.native_available():
+        from . import scan_norm  # imports this module
         _register()
+        scan_norm.register()
         _registered = True
