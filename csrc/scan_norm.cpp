@@ -1,5 +1,7 @@
 // The composition behind scan_norm_fwd / scan_norm_bwd (see scan_norm.h): the CPU implementation, and the CUDA
-// one for shapes the fused kernels do not take. The norm runs in float32 (float64 for float64 inputs).
+// one for shapes the fused kernels do not take. Like the fused kernels, it keeps y and its gradient in float32
+// (float64 for float64 inputs): 16-bit u runs the scan in float32, so neither y nor its gradient is rounded to
+// u's dtype before the norm or the scan's backward.
 #include "scan_norm.h"
 
 #include <ATen/ATen.h>
@@ -68,6 +70,8 @@ at::Tensor grouped(const at::Tensor& t, const ScanDims& s, at::ScalarType acc) {
 }
 
 at::ScalarType norm_precision(const at::Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+// u in the norm's precision (a copy only for 16-bit u): the scan then returns y in it and takes y's gradient in it.
+at::Tensor widened(const at::Tensor& u) { return u.to(norm_precision(u)); }
 
 }  // namespace
 
@@ -77,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_norm_fwd_composite(
     const at::Tensor& norm_bias, double eps, int64_t chunk) {
   const ScanDims s = check_scan_norm_inputs(u, z, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, norm_weight,
                                             norm_bias, eps);
-  auto [y, states] = call_scan_fwd(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk);
+  auto [y, states] = call_scan_fwd(widened(u), x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk);
   const at::ScalarType acc = norm_precision(u);
   const at::Tensor yf = grouped(y, s, acc), zf = grouped(z, s, acc);
   const at::Tensor mean = yf.mean(-1, true), c = yf - mean;
@@ -99,7 +103,8 @@ ScanNormGrads scan_norm_bwd_composite(const at::Tensor& grad_out, const at::Tens
               grad_out.sizes(), " ", grad_out.scalar_type(), ", u ", u.sizes(), " ", u.scalar_type(), ")");
   check_norm_stats(stats, u, s);
   const at::ScalarType acc = norm_precision(u);
-  const at::Tensor y = std::get<0>(call_scan_fwd(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk));
+  const at::Tensor uw = widened(u);
+  const at::Tensor y = std::get<0>(call_scan_fwd(uw, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk));
   const at::Tensor rstd = stats.narrow(-1, 1, 1);
   const at::Tensor yh = (grouped(y, s, acc) - stats.narrow(-1, 0, 1)) * rstd;
   const at::Tensor zf = grouped(z, s, acc), go = grouped(grad_out, s, acc);
@@ -109,10 +114,11 @@ ScanNormGrads scan_norm_bwd_composite(const at::Tensor& grad_out, const at::Tens
   const at::Tensor dnw = (gl * yh).sum({0, 1, 2}), dnb = gl.sum({0, 1, 2});
   const at::Tensor gh = gl * w;        // gradient of the normalized value
   const at::Tensor dy = rstd * (gh - gh.mean(-1, true) - yh * (gh * yh).mean(-1, true));
-  auto [du, dWx, dWdt, dbias, dAlog, dD] = call_scan_bwd(dy.view(u.sizes()).to(u.scalar_type()), u, x_proj_weight,
-                                                         dt_proj_weight, dt_bias, A_log, D, states, chunk);
+  auto [du, dWx, dWdt, dbias, dAlog, dD] = call_scan_bwd(dy.view(u.sizes()), uw, x_proj_weight, dt_proj_weight,
+                                                         dt_bias, A_log, D, states, chunk);
   const auto pt = norm_weight.scalar_type();
-  return {du, dz.view(u.sizes()).to(u.scalar_type()), dWx, dWdt, dbias, dAlog, dD, dnw.to(pt), dnb.to(pt)};
+  return {du.to(u.scalar_type()), dz.view(u.sizes()).to(u.scalar_type()), dWx, dWdt, dbias, dAlog, dD, dnw.to(pt),
+          dnb.to(pt)};
 }
 
 TORCH_LIBRARY_IMPL(groupmamba, CPU, m) {
