@@ -54,8 +54,10 @@ ScanNormGrads scan_norm_bwd_cuda(const at::Tensor& dout_, const at::Tensor& u_, 
   c10::cuda::CUDAGuard guard(u_.device());
   const at::Tensor u = u_.contiguous(), z = z_.contiguous(), dout = dout_.contiguous(), Wx = Wx_.contiguous(),
                    Wdt = Wdt_.contiguous(), bias = bias_.contiguous(), Alog = Alog_.contiguous(),
-                   D = D_.contiguous(), nw = nw_.contiguous(), nb = nb_.contiguous(), states = states_.contiguous(),
-                   stats = stats_.contiguous();
+                   D = D_.contiguous(), nw = nw_.contiguous(), nb = nb_.contiguous(), states = states_.contiguous();
+  // the kernels read each (mean, rstd) pair as one 8-byte load
+  const bool aligned = reinterpret_cast<uintptr_t>(stats_.data_ptr()) % 8 == 0;
+  const at::Tensor stats = aligned ? stats_.contiguous() : stats_.clone(at::MemoryFormat::Contiguous);
   at::Tensor du = at::empty_like(u), dz = at::empty_like(u);
   at::Tensor dWx = at::empty_like(Wx), dWdt = at::empty_like(Wdt), dbias = at::empty_like(bias),
              dAlog = at::empty_like(Alog), dD = at::empty_like(D), dnw = at::empty_like(nw), dnb = at::empty_like(nb);
