@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import float32_scan_tol, random_scan_inputs, rel_err
+from test_scan_cuda import STAGES, UNIQUE_STAGES
 from groupmamba import _native
 from groupmamba.ops import grouped_scan_norm, grouped_scan_norm_reference
 
@@ -147,8 +148,6 @@ def test_op_rejects_bad_inputs():
 
 # ---- CUDA: the fused kernels (and the composition where they do not apply) --------------------------------
 
-STAGES = {"T1": (56, 64), "T2": (28, 128), "T3": (14, 348), "T4": (7, 448), "S4": (7, 512), "B1": (56, 96),
-          "B2": (28, 192), "B3": (14, 424)}
 
 
 def cuda_fwd_bwd(ins, grad, chunk=None):
@@ -164,7 +163,7 @@ def cuda_fwd_bwd(ins, grad, chunk=None):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("stage", list(STAGES))
+@pytest.mark.parametrize("stage", UNIQUE_STAGES)
 def test_cuda_stage_shapes(stage, dtype):
     hw, C = STAGES[stage]
     seed, ins, grad = make_inputs(2, hw, hw, C // 4, dtype=dtype, device="cuda")

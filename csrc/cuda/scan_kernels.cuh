@@ -68,9 +68,10 @@ namespace {
 #endif
 
 constexpr float kLog2e = 1.4426950408889634f;
-// Parameter-gradient entries per group (the columns of the partial rows): Wx, Wdt, bias, A_log, D.
-__host__ __device__ constexpr int grad_entries(int d, int R, int N) {
-  return (R + 2 * N) * d + d * R + d + d * N + d;
+// Parameter-gradient entries per group (the columns of the partial rows): Wx, Wdt, bias, A_log, D, and with the
+// gated out_norm (NORM kernels) its weight and bias after them.
+__host__ __device__ constexpr int grad_entries(int d, int R, int N, bool norm = false) {
+  return (R + 2 * N) * d + d * R + d + d * N + d + (norm ? 2 * d : 0);
 }
 __host__ __device__ constexpr int next_pow2(int v) {
   int p = 1;
@@ -299,6 +300,12 @@ struct GateNorm {
   float eps;
 };
 __device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
+// The index of the (mean, rstd) pair in gn.stats for element offset off = position * C + g * d + c0.
+__device__ __forceinline__ size_t stats_pair(size_t off, int c0, int C, int g) { return (off - c0) / C * kGroups + g; }
+// Channel c0 + j's norm weight or bias (p: gn.w or gn.b), 0 past d.
+__device__ __forceinline__ float norm_param(const float* p, bool cok, int g, int d, int c0, int j) {
+  return cok ? __ldg(p + g * d + c0 + j) : 0.f;
+}
 // The gate z at element offset off (zeros for a step past the end and channels past d).
 template <typename T, int VEC, int CPT>
 __device__ __forceinline__ void load_gate(const GateNorm<T>& gn, size_t off, bool sok, const bool (&cok)[CPT],
@@ -585,16 +592,14 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
 #pragma unroll
       for (int i = 0; i < K; ++i)
         if (sok[i]) {
-          float* st = gn.stats + ((src[i] - u) / C * kGroups + g) * 2;
-          st[0] = mean[i];
-          st[1] = rstd[i];
+          reinterpret_cast<float2*>(gn.stats)[stats_pair(src[i] - u, c0, C, g)] = make_float2(mean[i], rstd[i]);
         }
     }
     float nw[CPT], nb[CPT];
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
-      nw[j] = cok[j] ? __ldg(gn.w + g * d + c0 + j) : 0.f;
-      nb[j] = cok[j] ? __ldg(gn.b + g * d + c0 + j) : 0.f;
+      nw[j] = norm_param(gn.w, cok[j], g, d, c0, j);
+      nb[j] = norm_param(gn.b, cok[j], g, d, c0, j);
     }
 #pragma unroll
     for (int i = 0; i < K; ++i) {
@@ -679,8 +684,7 @@ __device__ __forceinline__ void chain_adjoint_over_warps(const LookBack& lb, con
 // The step's (mean, rstd) at element offset off = position * C + g * d + c0 (c0 may pass d on lanes past it).
 template <typename T>
 __device__ __forceinline__ float2 norm_stats(const GateNorm<T>& gn, size_t off, int c0, int C, int g, bool sok) {
-  return sok ? __ldg(reinterpret_cast<const float2*>(gn.stats) + (off - c0) / C * kGroups + g)
-             : make_float2(0.f, 0.f);
+  return sok ? __ldg(reinterpret_cast<const float2*>(gn.stats) + stats_pair(off, c0, C, g)) : make_float2(0.f, 0.f);
 }
 
 template <typename T, int VEC, int K, int LV, int CPT>
@@ -700,9 +704,11 @@ __device__ __forceinline__ void gate_norm_sums(const GateNorm<T>& gn, const floa
     sums[K + i] = 0.f;
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
+      // y's next step, normalized; written out in both passes (a shared helper cost the fp32 d = 87 kernel 28 more
+      // bytes of spill)
       h[j] = fmaf(a[i][j], h[j], sok[i] ? delta[i][j] * Bv[i] * x[i][j] : 0.f);
       const float yh = (fmaf(Cv[i], h[j], Dv[j] * x[i][j]) - ms.x) * ms.y;
-      const float nw = cok[j] ? __ldg(gn.w + g * d + c0 + j) : 0.f;
+      const float nw = norm_param(gn.w, cok[j], g, d, c0, j);
       const float gh = dy[i][j] * zg[j] * sigmoid_f(zg[j]) * nw;
       sums[i] += gh;
       sums[K + i] = fmaf(gh, yh, sums[K + i]);
@@ -733,7 +739,7 @@ __device__ __forceinline__ void gate_norm_grads(const GateNorm<T>& gn, const flo
     for (int j = 0; j < CPT; ++j) {
       h[j] = fmaf(a[i][j], h[j], sok[i] ? delta[i][j] * Bv[i] * x[i][j] : 0.f);
       const float yh = (fmaf(Cv[i], h[j], Dv[j] * x[i][j]) - ms.x) * ms.y;
-      const float nw = cok[j] ? __ldg(gn.w + g * d + c0 + j) : 0.f, nb = cok[j] ? __ldg(gn.b + g * d + c0 + j) : 0.f;
+      const float nw = norm_param(gn.w, cok[j], g, d, c0, j), nb = norm_param(gn.b, cok[j], g, d, c0, j);
       const float sg = sigmoid_f(zg[j]), go = dy[i][j];
       const float gl = go * zg[j] * sg;  // gradient of the normalized affine value
       dw[j] = fmaf(gl, yh, dw[j]);
@@ -766,7 +772,7 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
   GM_DYNAMIC_SMEM(smem);
   GM_SHARED(unsigned, s_ticket);
   const int d = DS ? DS : p.d, R = RS ? RS : p.R, RK = R + 2, C = DS ? kGroups * DS : p.C, tid = threadIdx.x;
-  const int E = DS && RS ? grad_entries(DS, RS, 1) + (NORM ? 2 * DS : 0) : p.E;
+  const int E = DS && RS ? grad_entries(DS, RS, 1, NORM) : p.E;
   if (tid == 0) s_ticket = atomicAdd(lb.ticket, 1u) + 1u;
   __syncthreads();
   // Tickets image by image (see the top of the file), the segments of a sequence from the last down.
@@ -1388,7 +1394,7 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
     fl += 2 * (size_t)p.NR * d + 2 * (size_t)p.G * d;
   } else {
     const size_t nw = pl.threads / 32;  // the backward's per-warp arrays
-    p.E = grad_entries(d, R, 1) + (norm ? 2 * d : 0);  // the gated out_norm's weight and bias
+    p.E = grad_entries(d, R, 1, norm);
     fl += 3 * nw * d + (size_t)p.Ls * R + nw * p.E + 4 * (size_t)p.NR * d;
   }
   pl.smem = fl * sizeof(float);
@@ -1406,7 +1412,7 @@ FastPlan plan_bwd(const ScanDims& s, int64_t chunk, bool norm = false) {
   return pl.ok ? pl : plan_fast(s, chunk, kKB, kMaxThreadsB, true, norm);
 }
 
-int grad_entries(const ScanDims& s) { return grad_entries((int)s.d, (int)s.R, (int)s.N); }
+int grad_entries(const ScanDims& s, bool norm = false) { return grad_entries((int)s.d, (int)s.R, (int)s.N, norm); }
 // The generic kernels: one thread per channel, one block per (b, g) sequence.
 int generic_threads(const ScanDims& s) { return (int)((s.d + 31) / 32 * 32); }
 size_t generic_fwd_smem(const ScanDims& s) { return (s.d + (s.R + 2 * s.N) + s.N * s.d) * sizeof(float); }

@@ -3,6 +3,8 @@
 // Mirrors scan_fwd_cuda / scan_bwd_cuda: plan, workspace, kernel choice, launch, the gradient reduction.
 #include "scan_emu.h"
 
+#include <type_traits>
+
 #include "cuda_emu.h"
 #include "cuda/scan_kernels.cuh"
 
@@ -23,14 +25,12 @@ int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, Param
   if (pl.ok) {
     std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
-    const emu::Dim3 grid{u32(pl.nrec)}, block{u32(pl.threads)};
-    if (gn) {
-      auto kern = pick_fwd<T, true>(vector_width<T>(s.d, {u, y, gn->z}), pl.p.cvp > 8, pl.p.d, pl.p.R);
-      emu::launch(grid, block, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb, *gn); });
-    } else {
-      auto kern = pick_fwd<T>(vector_width<T>(s.d, {u, y}), pl.p.cvp > 8, pl.p.d, pl.p.R);
-      emu::launch(grid, block, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb, GateNorm<T>{}); });
-    }
+    const GateNorm<T> g = gn ? *gn : GateNorm<T>{};
+    auto run = [&](auto norm) {  // norm: std::bool_constant, the kernel family
+      auto kern = pick_fwd<T, decltype(norm)::value>(vector_width<T>(s.d, {u, y, g.z}), pl.p.cvp > 8, pl.p.d, pl.p.R);
+      emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem, [&] { kern(pl.p, u, y, states, prm, lb, g); });
+    };
+    gn ? run(std::true_type{}) : run(std::false_type{});
     return 1;
   }
   if (gn) return -3;
@@ -47,7 +47,7 @@ template <typename T>
 int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const float* states, ParamPtrs prm,
         float* dWx, float* dWdt, float* dbias, float* dAlog, float* dD, const GateNorm<T>* gn = nullptr,
         float* dnw = nullptr, float* dnb = nullptr) {
-  const int E = grad_entries(s) + (gn ? 2 * (int)s.d : 0);
+  const int E = grad_entries(s, gn != nullptr);
   const FastPlan pl = plan_bwd(s, chunk, gn != nullptr);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   int nseg = 1;
@@ -57,15 +57,14 @@ int bwd(const ScanDims& s, int64_t chunk, const T* dy, const T* u, T* du, const 
     partial.assign((size_t)pl.nrec * E, nan);
     std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);
-    const emu::Dim3 grid{u32(pl.nrec)}, block{u32(pl.threads)};
-    if (gn) {
-      auto kern = pick_bwd<T, true>(vector_width<T>(s.d, {u, dy, du, gn->z, gn->dz}), pl.p.cvp > 8, pl.p.d, pl.p.R);
-      emu::launch(grid, block, pl.smem, [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data(), *gn); });
-    } else {
-      auto kern = pick_bwd<T>(vector_width<T>(s.d, {u, dy, du}), pl.p.cvp > 8, pl.p.d, pl.p.R);
-      emu::launch(grid, block, pl.smem,
-                  [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data(), GateNorm<T>{}); });
-    }
+    const GateNorm<T> g = gn ? *gn : GateNorm<T>{};
+    auto run = [&](auto norm) {  // norm: std::bool_constant, the kernel family
+      auto kern = pick_bwd<T, decltype(norm)::value>(vector_width<T>(s.d, {u, dy, du, g.z, g.dz}), pl.p.cvp > 8,
+                                                     pl.p.d, pl.p.R);
+      emu::launch({u32(pl.nrec)}, {u32(pl.threads)}, pl.smem,
+                  [&] { kern(pl.p, dy, u, du, states, prm, lb, partial.data(), g); });
+    };
+    gn ? run(std::true_type{}) : run(std::false_type{});
   } else if (gn) {
     return -3;
   } else {
