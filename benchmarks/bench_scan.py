@@ -70,8 +70,12 @@ def make_inputs(H, C, dtype, seed):
     return u, dy, (Wx, Wdt, bias, A_log, D)
 
 
-def time_out_norm(sets, chunk, dtype, tf, tb, it):
-    """(fused fwd, fused bwd, unfused fwd, unfused bwd) in us; tf, tb: the plain scan's ms from the same run."""
+def time_out_norm(sets, chunk, dtype):
+    """(fused fwd, fused bwd, unfused fwd, unfused bwd) in us, each a CUDA-graph replay over all the input sets
+    (divided by their number: the sets exceed L2, and the norm's autograd would be host-bound eagerly).
+    Unfused: scan_fwd + group_layer_norm (Triton, with the gate), and its backward: the norm's backward then
+    scan_bwd (timed as norm fwd+bwd + scan_bwd, minus the norm's forward)."""
+    from benchutil import graph_ms
     eps = 1e-5
     d = sets[0][0].shape[-1] // 4
     dev = sets[0][0].device
@@ -81,38 +85,38 @@ def time_out_norm(sets, chunk, dtype, tf, tb, it):
     nb = 0.1 * torch.randn(4, d, device=dev, generator=g)
     fwd_op, bwd_op = torch.ops.groupmamba.scan_norm_fwd, torch.ops.groupmamba.scan_norm_bwd
     saved = [fwd_op(u, z, *p, nw, nb, eps, chunk)[1:] for (u, _, p), z in zip(sets, zs)]
-    ys = [torch.ops.groupmamba.scan_fwd(u, *p, chunk)[0] for u, _, p in sets]
+    ys, states = zip(*[torch.ops.groupmamba.scan_fwd(u, *p, chunk) for u, _, p in sets])
+    leaves = [(y.clone().requires_grad_(), z.clone().requires_grad_()) for y, z in zip(ys, zs)]
+    nwl, nbl = nw.clone().requires_grad_(), nb.clone().requires_grad_()
     n = len(sets)
 
-    def nxt():
-        i = it[0] = (it[0] + 1) % n
-        return i
+    def each(fn):
+        return graph_ms(lambda: [fn(i) for i in range(n)], 20) / n * 1e3
 
-    def fused_fwd():
-        i = nxt()
+    def fused_fwd(i):
         u, _, p = sets[i]
         return fwd_op(u, zs[i], *p, nw, nb, eps, chunk)
 
-    def fused_bwd():
-        i = nxt()
+    def fused_bwd(i):
         u, dy, p = sets[i]
         return bwd_op(dy, u, zs[i], *p, nw, nb, eps, *saved[i], chunk)
 
-    def norm_fwd():
-        i = nxt()
-        return group_layer_norm(ys[i], nw, nb, eps, gate=zs[i], out_dtype=dtype)
+    def unfused_fwd(i):
+        u, _, p = sets[i]
+        y = torch.ops.groupmamba.scan_fwd(u, *p, chunk)[0]
+        return group_layer_norm(y, nw, nb, eps, gate=zs[i], out_dtype=dtype)
 
-    leaves = [(y.clone().requires_grad_(), z.clone().requires_grad_()) for y, z in zip(ys, zs)]
-    nwl, nbl = nw.clone().requires_grad_(), nb.clone().requires_grad_()
-
-    def norm_fwd_bwd():
-        i = nxt()
+    def norm_fwd(i):
         y, z = leaves[i]
-        out = group_layer_norm(y, nwl, nbl, eps, gate=z, out_dtype=dtype)
-        return torch.autograd.grad(out, (y, z, nwl, nbl), sets[i][1])
+        return group_layer_norm(y, nwl, nbl, eps, gate=z, out_dtype=dtype)
 
-    tnf, tnfb = do_bench(norm_fwd), do_bench(norm_fwd_bwd)
-    return (do_bench(fused_fwd) * 1e3, do_bench(fused_bwd) * 1e3, (tf + tnf) * 1e3, (tb + tnfb - tnf) * 1e3)
+    def norm_fwd_bwd_scan_bwd(i):
+        y, z = leaves[i]
+        u, dy, p = sets[i]
+        gy = torch.autograd.grad(norm_fwd(i), (y, z, nwl, nbl), dy)[0]
+        return torch.ops.groupmamba.scan_bwd(gy.to(dtype), u, *p, states[i], chunk)
+
+    return each(fused_fwd), each(fused_bwd), each(unfused_fwd), each(norm_fwd_bwd_scan_bwd) - each(norm_fwd)
 
 
 def main():
@@ -156,7 +160,7 @@ def main():
 
                 tf, tb = do_bench(fwd), do_bench(bwd)
                 if args.with_out_norm:
-                    norm_rows.append((f"{model}{stage}", dn) + time_out_norm(sets, chunk, dtype, tf, tb, it))
+                    norm_rows.append((f"{model}{stage}", dn) + time_out_norm(sets, chunk, dtype))
                 bf, bb = 2 * numel * es, 3 * numel * es
                 gf, gb, gt = bf / tf / 1e6, bb / tb / 1e6, (bf + bb) / (tf + tb) / 1e6
                 key = (H, C)
@@ -197,7 +201,7 @@ def main():
                      f"{r[9]:.0f} | {100 * r[10]:.0f}% | {nv} | {sp} |")
     if norm_rows:
         lines += ["", "Scan with the gated out_norm in its kernels (scan_norm_fwd/_bwd) against scan_fwd/_bwd + "
-                  "group_layer_norm (Triton) forward and backward, same run:", "",
+                  "group_layer_norm (Triton) forward and backward, same run, CUDA-graph replays:", "",
                   "| stage | dtype | fused fwd us | fused bwd us | unfused fwd us | unfused bwd us | fused / unfused "
                   "fwd+bwd |", "|---|---|---|---|---|---|---|"]
         lines += [f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:.1f} | {r[5]:.1f} | "

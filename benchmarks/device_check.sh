@@ -12,7 +12,7 @@
 #            path; LAYER_BENCH_ARGS, LAYER_TIMEOUT=200), profile: benchmarks/profile_model.py (torch.profiler of
 #            a T training and inference step; PROFILE_ARGS, PROFILE_TIMEOUT=120; trace_train.json.gz in $OUT)
 #   dwconv:  benchmarks/bench_dwconv.py --sweep --backward (forward tile configurations, backward methods, vs cuDNN;
-#            DWCONV_TIMEOUT=240)
+#            DWCONV_ARGS to change the flags, DWCONV_TIMEOUT=240)
 #   gemm:    benchmarks/bench_gemm.py (T's Linear GEMMs as cuBLAS runs them and padded; bias column sums;
 #            GEMM_TIMEOUT=120)
 #   norm:    benchmarks/bench_norm.py (the grouped LayerNorm forward/backward at every T and B stage, % of copy
@@ -69,7 +69,7 @@ if has profile; then
     | tee "$OUT/profile.log" | tail -70 || status=1
 fi
 if has dwconv; then
-  OUT="$OUT" timeout ${DWCONV_TIMEOUT:-240} $PY "$SRC/benchmarks/bench_dwconv.py" --sweep --backward 2>&1 \
+  OUT="$OUT" timeout ${DWCONV_TIMEOUT:-240} $PY "$SRC/benchmarks/bench_dwconv.py" ${DWCONV_ARGS:---sweep --backward} 2>&1 \
     | tee "$OUT/bench_dwconv.log" | tail -30 || status=1
 fi
 if has gemm; then

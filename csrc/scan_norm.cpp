@@ -33,10 +33,9 @@ ScanDims check_scan_norm_inputs(const at::Tensor& u, const at::Tensor& z, const 
 
 void check_norm_stats(const at::Tensor& stats, const at::Tensor& u, const ScanDims& s) {
   const auto st = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(stats.dim() == 5 && stats.size(0) == s.B && stats.size(1) == s.H && stats.size(2) == s.W &&
-                  stats.size(3) == kGroups && stats.size(4) == 2 && stats.scalar_type() == st &&
-                  stats.device() == u.device(),
-              "groupmamba scan_norm_bwd: stats must be ", st, " (B, H, W, 4, 2) as scan_norm_fwd returned it, got ",
+  TORCH_CHECK(stats.dim() == 4 && stats.size(0) == s.B && stats.size(1) == kGroups && stats.size(2) == s.L &&
+                  stats.size(3) == 2 && stats.scalar_type() == st && stats.device() == u.device(),
+              "groupmamba scan_norm_bwd: stats must be ", st, " (B, 4, L=H*W, 2) as scan_norm_fwd returned it, got ",
               stats.sizes(), " ", stats.scalar_type(), " on ", stats.device());
 }
 
@@ -73,6 +72,29 @@ at::ScalarType norm_precision(const at::Tensor& u) { return u.scalar_type() == a
 // u in the norm's precision (a copy only for 16-bit u): the scan then returns y in it and takes y's gradient in it.
 at::Tensor widened(const at::Tensor& u) { return u.to(norm_precision(u)); }
 
+// The statistics' layout (B, 4, L, 2), each group's steps in its scan order (the fused kernels' layout, see
+// GateNorm), from and to (B, H, W, 4, 2) by position: groups 0 and 2 walk the rows, 1 and 3 the columns, 2 and 3
+// backwards.
+at::Tensor stats_to_scan_order(const at::Tensor& by_pos, const ScanDims& s) {
+  std::vector<at::Tensor> g;
+  for (int64_t k = 0; k < kGroups; ++k) {
+    at::Tensor t = by_pos.select(3, k);  // (B, H, W, 2)
+    if (k & 1) t = t.transpose(1, 2);
+    t = t.reshape({s.B, s.L, 2});
+    g.push_back(k >= 2 ? t.flip(1) : t);
+  }
+  return at::stack(g, 1);
+}
+at::Tensor stats_by_position(const at::Tensor& scan_order, const ScanDims& s) {
+  std::vector<at::Tensor> g;
+  for (int64_t k = 0; k < kGroups; ++k) {
+    at::Tensor t = scan_order.select(1, k);  // (B, L, 2)
+    if (k >= 2) t = t.flip(1);
+    g.push_back(k & 1 ? t.reshape({s.B, s.W, s.H, 2}).transpose(1, 2) : t.reshape({s.B, s.H, s.W, 2}));
+  }
+  return at::stack(g, 3);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_norm_fwd_composite(
@@ -87,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_norm_fwd_composite(
   const at::Tensor mean = yf.mean(-1, true), c = yf - mean;
   const at::Tensor rstd = ((c * c).mean(-1, true) + eps).rsqrt();
   const at::Tensor out = (c * rstd * norm_weight.to(acc) + norm_bias.to(acc)) * (zf * zf.sigmoid());
-  return {out.view(u.sizes()).to(u.scalar_type()), states, at::cat({mean, rstd}, -1)};
+  return {out.view(u.sizes()).to(u.scalar_type()), states, stats_to_scan_order(at::cat({mean, rstd}, -1), s)};
 }
 
 ScanNormGrads scan_norm_bwd_composite(const at::Tensor& grad_out, const at::Tensor& u, const at::Tensor& z,
@@ -105,8 +127,9 @@ ScanNormGrads scan_norm_bwd_composite(const at::Tensor& grad_out, const at::Tens
   const at::ScalarType acc = norm_precision(u);
   const at::Tensor uw = widened(u);
   const at::Tensor y = std::get<0>(call_scan_fwd(uw, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk));
-  const at::Tensor rstd = stats.narrow(-1, 1, 1);
-  const at::Tensor yh = (grouped(y, s, acc) - stats.narrow(-1, 0, 1)) * rstd;
+  const at::Tensor st = stats_by_position(stats, s);
+  const at::Tensor rstd = st.narrow(-1, 1, 1);
+  const at::Tensor yh = (grouped(y, s, acc) - st.narrow(-1, 0, 1)) * rstd;
   const at::Tensor zf = grouped(z, s, acc), go = grouped(grad_out, s, acc);
   const at::Tensor w = norm_weight.to(acc), sg = zf.sigmoid();
   const at::Tensor gl = go * zf * sg;  // gradient of the normalized value times weight plus bias

@@ -20,8 +20,9 @@ ScanDims check_scan_norm_inputs(const at::Tensor& u, const at::Tensor& z, const 
                                 const at::Tensor& D, const at::Tensor& norm_weight, const at::Tensor& norm_bias,
                                 double eps);
 
-// (out, states, stats): stats (B, H, W, 4, 2) float32 (float64 for float64 u) holds each position's and group's
-// mean and 1 / sqrt(var + eps), which the backward normalizes the recomputed y with.
+// (out, states, stats): stats (B, 4, L, 2) float32 (float64 for float64 u) holds each group's mean and
+// 1 / sqrt(var + eps) per step of its scan order (the fused kernels' layout), which the backward normalizes the
+// recomputed y with.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_norm_fwd_composite(
     const at::Tensor& u, const at::Tensor& z, const at::Tensor& x_proj_weight, const at::Tensor& dt_proj_weight,
     const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& D, const at::Tensor& norm_weight,

@@ -232,7 +232,7 @@ def emulated_norm_fwd_bwd(so, u, z, params, norm_w, norm_b, dout, chunk):
     code = DTYPE_CODE[u.dtype]
     out = nan_like(u)
     states = torch.full((B, 4, -(-H * W // chunk), C // 4, A_log.shape[-1]), float("nan"))
-    stats = torch.full((B, H, W, 4, 2), float("nan"))
+    stats = torch.full((B, 4, H * W, 2), float("nan"))
     rc = so.gm_emu_scan_norm_fwd(code, ptr(u), ptr(z), ptr(out), ptr(states), ptr(stats), *map(ptr, params),
                                  ptr(norm_w), ptr(norm_b), EPS, *dims)
     if rc == -3:

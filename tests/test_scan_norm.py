@@ -12,6 +12,7 @@ from conftest import float32_scan_tol, random_scan_inputs, rel_err
 from test_scan_cuda import STAGES, UNIQUE_STAGES
 from groupmamba import _native
 from groupmamba.ops import grouped_scan_norm, grouped_scan_norm_reference
+from groupmamba.ops.reference import grouped_scan_reference
 
 pytestmark = pytest.mark.skipif(not _native.native_available(), reason="native extension not built")
 
@@ -89,15 +90,27 @@ def test_matches_unfused_composition():
     check(got, [out.detach()] + [t.grad for t in leaves], 1e-5, seed)
 
 
-def test_stats_are_each_positions_mean_and_rstd():
-    """The forward's third output: per position and group, the mean of y's d channels and 1 / sqrt(var + eps)."""
-    from groupmamba.ops import grouped_scan
-    _, ins, _ = make_inputs(2, 3, 5, 8)
+def in_scan_order(t):
+    """(B, H, W, 4, 2) by position -> (B, 4, H*W, 2), each group's steps in its scan order: groups 0 and 2 walk
+    the rows, 1 and 3 the columns, 2 and 3 backwards."""
+    B, H, W = t.shape[:3]
+    rows, cols = t.reshape(B, H * W, 4, 2), t.transpose(1, 2).reshape(B, H * W, 4, 2)
+    return torch.stack([rows[:, :, 0], cols[:, :, 1], rows[:, :, 2].flip(1), cols[:, :, 3].flip(1)], 1)
+
+
+def stats_check(device):
+    """The forward's third output: per group and scan step, the mean of y's d channels and 1 / sqrt(var + eps)
+    (H != W, so a transposed walk would show)."""
+    _, ins, _ = make_inputs(2, 3, 5, 8, device=device)
     _, _, stats = torch.ops.groupmamba.scan_norm_fwd(*ins, EPS, 4)
-    y = grouped_scan(ins[0], *ins[2:7]).double().reshape(2, 3, 5, 4, 8)
-    expected = torch.stack([y.mean(-1), (y.var(-1, unbiased=False) + EPS).rsqrt()], -1)
-    assert stats.shape == (2, 3, 5, 4, 2) and stats.dtype == torch.float32
-    assert rel_err(stats, expected) <= 1e-5
+    y = grouped_scan_reference(*[t.cpu().double() for t in [ins[0]] + ins[2:7]]).reshape(2, 3, 5, 4, 8)
+    expected = in_scan_order(torch.stack([y.mean(-1), (y.var(-1, unbiased=False) + EPS).rsqrt()], -1))
+    assert stats.shape == (2, 4, 15, 2) and stats.dtype == torch.float32
+    assert rel_err(stats.cpu(), expected) <= 1e-5
+
+
+def test_stats_are_each_steps_mean_and_rstd():
+    stats_check("cpu")
 
 
 def test_opcheck():
@@ -180,6 +193,11 @@ def test_cuda_odd_shapes(shape):
     B, H, W, d, N, chunk = shape
     seed, ins, grad = make_inputs(B, H, W, d, N, device="cuda")
     check(cuda_fwd_bwd(ins, grad, chunk), reference(ins, grad), float32_scan_tol(d), seed)
+
+
+@pytest.mark.gpu
+def test_cuda_stats_are_each_steps_mean_and_rstd():
+    stats_check("cuda")
 
 
 @pytest.mark.gpu

@@ -290,33 +290,55 @@ struct ParamPtrs {
 // step's mean and 1 / sqrt(var + eps); the backward takes that output's gradient, recomputes y, normalizes it
 // with the forward's statistics (no reductions for them, and fewer registers), and also writes dz and the norm's
 // parameter gradients (two more rows of d entries per group in the partial sums). Unused (null) otherwise.
+// The statistics are kept in each group's scan order, (B, 4, L, 2): a run's K steps are 32 contiguous bytes, so
+// the forward writes and the backward reads whole sectors (by position, the four groups' pairs shared each
+// sector and the forward's partial writes doubled its DRAM traffic: ncu, H200).
 template <typename T>
 struct GateNorm {
   const T* z;        // (B, H, W, C) like u: the gate
   T* dz;             // backward: the gate's gradient
   const float* w;    // (4, d)
   const float* b;    // (4, d)
-  float* stats;      // (B, H, W, 4, 2): mean, rstd per position and group (forward writes, backward reads)
+  float* stats;      // (B, 4, L, 2): mean, rstd per group and scan step (forward writes, backward reads)
   float eps;
 };
-__device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
-// The index of the (mean, rstd) pair in gn.stats for element offset off = position * C + g * d + c0.
-__device__ __forceinline__ size_t stats_pair(size_t off, int c0, int C, int g) { return (off - c0) / C * kGroups + g; }
+// SiLU's sigmoid. The forward divides fast (exact at both ends: 1 / (1 + inf) = 0); the backward keeps the
+// correctly rounded reciprocal, whose out-of-line slow path happens to keep ptxas's schedule within the register
+// cap: with the fast one the NORM backward spilled 148-368 bytes per thread instead of 52-68 (sm_90).
+__device__ __forceinline__ float sigmoid_fast(float v) { return __fdividef(1.f, 1.f + __expf(-v)); }
+__device__ __forceinline__ float sigmoid_rn(float v) { return 1.f / (1.f + __expf(-v)); }
 // Channel c0 + j's norm weight or bias (p: gn.w or gn.b), 0 past d.
 __device__ __forceinline__ float norm_param(const float* p, bool cok, int g, int d, int c0, int j) {
   return cok ? __ldg(p + g * d + c0 + j) : 0.f;
 }
-// The gate z at element offset off (zeros for a step past the end and channels past d).
+__host__ __device__ constexpr size_t align4(size_t n) { return (n + 3) & ~size_t(3); }
+// The NORM kernels' staging area (after their other shared arrays, 16-byte aligned): the gate's values of each
+// thread's K steps, K * threads * kCPT floats' room, raw T at [(i * threads + thread) * kCPT + channel]: loaded
+// at the kernel's start next to u, so the output pass does not wait on a global load (it did: long-scoreboard
+// stalls tripled, ncu).
+template <typename T, int VEC, int K, int CPT>
+__device__ __forceinline__ void stage_gate(const GateNorm<T>& gn, const size_t (&off)[K], const bool (&sok)[K],
+                                           const bool (&cok)[CPT], T* sZ) {
+  using Raw = typename RawT<VEC * sizeof(T)>::type;
+#pragma unroll
+  for (int i = 0; i < K; ++i)
+#pragma unroll
+    for (int q = 0; q < CPT; q += VEC) {
+      const Raw r = sok[i] && cok[q] ? __ldg(reinterpret_cast<const Raw*>(gn.z + off[i] + q)) : Raw{};
+      *reinterpret_cast<Raw*>(sZ + ((size_t)i * blockDim.x + threadIdx.x) * CPT + q) = r;
+    }
+}
+// The staged gate of step i (zeros where stage_gate had none).
 template <typename T, int VEC, int CPT>
-__device__ __forceinline__ void load_gate(const GateNorm<T>& gn, size_t off, bool sok, const bool (&cok)[CPT],
-                                          float (&zg)[CPT]) {
+__device__ __forceinline__ void staged_gate(const T* sZ, int i, float (&zg)[CPT]) {
+  using Raw = typename RawT<VEC * sizeof(T)>::type;
 #pragma unroll
   for (int q = 0; q < CPT; q += VEC) {
-    if (sok && cok[q]) load_vec<T, VEC>(gn.z + off + q, &zg[q]);
-    else {
+    const Raw r = *reinterpret_cast<const Raw*>(sZ + ((size_t)i * blockDim.x + threadIdx.x) * CPT + q);
+    T tmp[VEC];
+    memcpy(tmp, &r, sizeof(Raw));
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) zg[q + v] = 0.f;
-    }
+    for (int v = 0; v < VEC; ++v) zg[q + v] = to_f(tmp[v]);
   }
 }
 
@@ -412,6 +434,7 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
   float* sH = sP + p.NR * d;    // NR*d
   float* sGP = sH + p.NR * d;   // G*d   run groups: decay product, then (phase B on) unused
   float* sGH = sGP + p.G * d;   // G*d   run groups: end state, then the carry entering the group
+  T* sZ = reinterpret_cast<T*>(smem + align4(sGH + p.G * d - smem));  // NORM: the staged gate (stage_gate)
   for (int i = tid; i < RK * d; i += blockDim.x) sWx[i] = prm.Wx[(size_t)g * RK * d + i];
   for (int i = tid; i < d * R; i += blockDim.x) sWdt[i] = prm.Wdt[(size_t)g * d * R + i];
   for (int i = tid; i < d; i += blockDim.x) {
@@ -446,6 +469,12 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
         for (int v = 0; v < VEC; ++v) x[i][q + v] = 0.f;
       }
     }
+  }
+  if constexpr (NORM) {
+    size_t off[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) off[i] = src[i] - u;
+    stage_gate<T, VEC, K, CPT>(gn, off, sok, cok, sZ);
   }
   __syncthreads();  // parameters in shared memory
 
@@ -589,11 +618,10 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
     float mean[K], rstd[K];
     layer_norm_stats<LV, K, CPT>(yl, cok, d, gn.eps, cvp, mean, rstd);
     if (cv == 0) {
+      float2* st = reinterpret_cast<float2*>(gn.stats) + (size_t)bg * p.L + t0;  // scan order (GateNorm)
 #pragma unroll
       for (int i = 0; i < K; ++i)
-        if (sok[i]) {
-          reinterpret_cast<float2*>(gn.stats)[stats_pair(src[i] - u, c0, C, g)] = make_float2(mean[i], rstd[i]);
-        }
+        if (sok[i]) st[i] = make_float2(mean[i], rstd[i]);
     }
     float nw[CPT], nb[CPT];
 #pragma unroll
@@ -606,10 +634,10 @@ __global__ void __launch_bounds__(kThreadsF, kMinBlocksF) fwd_fast_kernel(FastPa
       if (!sok[i]) continue;
       const size_t o = src[i] - u;
       float zg[CPT], out[CPT];
-      load_gate<T, VEC, CPT>(gn, o, true, cok, zg);
+      staged_gate<T, VEC, CPT>(sZ, i, zg);
 #pragma unroll
       for (int j = 0; j < CPT; ++j)
-        out[j] = fmaf((yl[i][j] - mean[i]) * rstd[i], nw[j], nb[j]) * (zg[j] * sigmoid_f(zg[j]));
+        out[j] = fmaf((yl[i][j] - mean[i]) * rstd[i], nw[j], nb[j]) * (zg[j] * sigmoid_fast(zg[j]));
 #pragma unroll
       for (int q = 0; q < CPT; q += VEC)
         if (cok[q]) store_vec<T, VEC>(y + o + q, &out[q]);
@@ -673,33 +701,28 @@ __device__ __forceinline__ void chain_adjoint_over_warps(const LookBack& lb, con
 }
 
 // The gated out_norm's backward for a thread's K steps (NORM kernels), in two passes over the steps, each from
-// h, the state entering the run (advanced in place). Both recompute y (a few fmas per step) and read z rather than
-// keep them: registers, not arithmetic, bound this kernel. dy holds the gradient of LN(y) * SiLU(z) (0 past the
-// end and past d). Every lane of the warp must call them.
+// h, the state entering the run (advanced in place). Both recompute y (a few fmas per step) and read the staged z
+// rather than keep them: registers, not arithmetic, bound this kernel. dy holds the gradient of LN(y) * SiLU(z)
+// (0 past the end and past d). sSt: the run's K (mean, rstd) pairs, staged in shared memory. Every lane of the
+// warp must call them.
 // Pass 1, gate_norm_sums: per step, the sums over its channels of the normalized value's gradient g and of g times
 // the normalized value.
 // Pass 2, gate_norm_grads: the gate's gradient (stored), the norm weight's and bias's gradients summed over the
 // warp's runs (the warp's first run writes them to `norm_row`: d weight entries, then d bias entries), and y's
 // gradient into dy (0 past the end and past d, as the adjoint summaries need).
-// The step's (mean, rstd) at element offset off = position * C + g * d + c0 (c0 may pass d on lanes past it).
-template <typename T>
-__device__ __forceinline__ float2 norm_stats(const GateNorm<T>& gn, size_t off, int c0, int C, int g, bool sok) {
-  return sok ? __ldg(reinterpret_cast<const float2*>(gn.stats) + stats_pair(off, c0, C, g)) : make_float2(0.f, 0.f);
-}
-
 template <typename T, int VEC, int K, int LV, int CPT>
 __device__ __forceinline__ void gate_norm_sums(const GateNorm<T>& gn, const float (&x)[K][CPT],
                                                const float (&delta)[K][CPT], const float (&a)[K][CPT],
                                                const float (&Bv)[K], const float (&Cv)[K], const float (&Dv)[CPT],
                                                float (&h)[CPT], const float (&dy)[K][CPT], const bool (&sok)[K],
-                                               const bool (&cok)[CPT], const size_t (&off)[K], int g, int d, int C,
+                                               const bool (&cok)[CPT], const T* sZ, const float2* sSt, int g, int d,
                                                int cvp, float (&sums)[2 * K]) {
   const int c0 = (threadIdx.x & (cvp - 1)) * CPT;
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const float2 ms = norm_stats(gn, off[i], c0, C, g, sok[i]);
+    const float2 ms = sok[i] ? sSt[i] : make_float2(0.f, 0.f);
     float zg[CPT];
-    load_gate<T, VEC, CPT>(gn, off[i], sok[i], cok, zg);
+    staged_gate<T, VEC, CPT>(sZ, i, zg);
     sums[i] = 0.f;
     sums[K + i] = 0.f;
 #pragma unroll
@@ -709,7 +732,7 @@ __device__ __forceinline__ void gate_norm_sums(const GateNorm<T>& gn, const floa
       h[j] = fmaf(a[i][j], h[j], sok[i] ? delta[i][j] * Bv[i] * x[i][j] : 0.f);
       const float yh = (fmaf(Cv[i], h[j], Dv[j] * x[i][j]) - ms.x) * ms.y;
       const float nw = norm_param(gn.w, cok[j], g, d, c0, j);
-      const float gh = dy[i][j] * zg[j] * sigmoid_f(zg[j]) * nw;
+      const float gh = dy[i][j] * zg[j] * sigmoid_rn(zg[j]) * nw;
       sums[i] += gh;
       sums[K + i] = fmaf(gh, yh, sums[K + i]);
     }
@@ -722,8 +745,9 @@ __device__ __forceinline__ void gate_norm_grads(const GateNorm<T>& gn, const flo
                                                 const float (&delta)[K][CPT], const float (&a)[K][CPT],
                                                 const float (&Bv)[K], const float (&Cv)[K], const float (&Dv)[CPT],
                                                 float (&h)[CPT], float (&dy)[K][CPT], const bool (&sok)[K],
-                                                const bool (&cok)[CPT], const size_t (&off)[K], int g, int d, int C,
-                                                int cvp, const float (&sums)[2 * K], float* norm_row, bool writer) {
+                                                const bool (&cok)[CPT], const size_t (&off)[K], const T* sZ,
+                                                const float2* sSt, int g, int d, int cvp, const float (&sums)[2 * K],
+                                                float* norm_row, bool writer) {
   const int c0 = (threadIdx.x & (cvp - 1)) * CPT;
   const float inv_d = 1.f / (float)d;
   float dw[CPT], db[CPT];
@@ -731,16 +755,16 @@ __device__ __forceinline__ void gate_norm_grads(const GateNorm<T>& gn, const flo
   for (int j = 0; j < CPT; ++j) { dw[j] = 0.f; db[j] = 0.f; }
 #pragma unroll
   for (int i = 0; i < K; ++i) {
-    const float2 ms = norm_stats(gn, off[i], c0, C, g, sok[i]);
+    const float2 ms = sok[i] ? sSt[i] : make_float2(0.f, 0.f);
     const float m1 = sums[i] * inv_d, m2 = sums[K + i] * inv_d;
     float zg[CPT];
-    load_gate<T, VEC, CPT>(gn, off[i], sok[i], cok, zg);
+    staged_gate<T, VEC, CPT>(sZ, i, zg);
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       h[j] = fmaf(a[i][j], h[j], sok[i] ? delta[i][j] * Bv[i] * x[i][j] : 0.f);
       const float yh = (fmaf(Cv[i], h[j], Dv[j] * x[i][j]) - ms.x) * ms.y;
       const float nw = norm_param(gn.w, cok[j], g, d, c0, j), nb = norm_param(gn.b, cok[j], g, d, c0, j);
-      const float sg = sigmoid_f(zg[j]), go = dy[i][j];
+      const float sg = sigmoid_rn(zg[j]), go = dy[i][j];
       const float gl = go * zg[j] * sg;  // gradient of the normalized affine value
       dw[j] = fmaf(gl, yh, dw[j]);
       db[j] += gl;
@@ -792,6 +816,9 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
   float* sDtr = sOw + nw * d;   // Ls*R     x_proj's dt rows per step
   float* sRed = sDtr + p.Ls * R;    // warps*E  parameter-gradient sums per warp
   float* sEx = sRed + nw * E;   // 4*NR*d   each run's exclusive prefixes in its warp (P, H forward; P, O adjoint)
+  // NORM: the staged gate (stage_gate), then the segment's (mean, rstd) pairs by step
+  T* sZ = reinterpret_cast<T*>(smem + align4(sEx + 4 * p.NR * d - smem));
+  float2* sSt = reinterpret_cast<float2*>(reinterpret_cast<float*>(sZ) + (size_t)K * blockDim.x * CPT);
   for (int i = tid; i < RK * d; i += blockDim.x) sWx[i] = prm.Wx[(size_t)g * RK * d + i];
   for (int i = tid; i < d * R; i += blockDim.x) sWdt[i] = prm.Wdt[(size_t)g * d * R + i];
   for (int i = tid; i < d; i += blockDim.x) {
@@ -827,6 +854,15 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
 #pragma unroll
         for (int v = 0; v < VEC; ++v) { x[i][q + v] = 0.f; dy[i][q + v] = 0.f; }
       }
+    }
+  }
+  if constexpr (NORM) {
+    stage_gate<T, VEC, K, CPT>(gn, off, sok, cok, sZ);
+    if (cv == 0) {
+      const float2* st = reinterpret_cast<const float2*>(gn.stats) + (size_t)bg * p.L + t0;  // scan order
+#pragma unroll
+      for (int i = 0; i < K; ++i)
+        if (sok[i]) sSt[run * K + i] = __ldg(st + i);
     }
   }
   __syncthreads();
@@ -928,10 +964,11 @@ __global__ void __launch_bounds__(kMaxThreadsB) bwd_fast_kernel(FastParams p, co
     };
     float h[CPT], sums[2 * K];
     entering(h);
-    gate_norm_sums<T, VEC, K, LV, CPT>(gn, x, z, a, Bv, Cv, Dv, h, dy, sok, cok, off, g, d, C, cvp, sums);
+    gate_norm_sums<T, VEC, K, LV, CPT>(gn, x, z, a, Bv, Cv, Dv, h, dy, sok, cok, sZ, sSt + run * K, g, d, cvp,
+                                       sums);
     entering(h);
-    gate_norm_grads<T, VEC, K, CPT>(gn, x, z, a, Bv, Cv, Dv, h, dy, sok, cok, off, g, d, C, cvp, sums,
-                                    sRed + (size_t)wid * E + grad_entries(d, R, 1), lane < cvp);
+    gate_norm_grads<T, VEC, K, CPT>(gn, x, z, a, Bv, Cv, Dv, h, dy, sok, cok, off, sZ, sSt + run * K, g, d, cvp,
+                                    sums, sRed + (size_t)wid * E + grad_entries(d, R, 1), lane < cvp);
 #pragma unroll
     for (int j = 0; j < CPT; ++j) {
       float cont = 0.f, P = 1.f;
@@ -1397,14 +1434,16 @@ FastPlan plan_fast(const ScanDims& s, int64_t chunk, int K, int max_threads, boo
     p.E = grad_entries(d, R, 1, norm);
     fl += 3 * nw * d + (size_t)p.Ls * R + nw * p.E + 4 * (size_t)p.NR * d;
   }
+  // NORM: the staged gate (stage_gate), and in the backward the segment's statistics
+  if (norm) fl = align4(fl) + (size_t)K * pl.threads * kCPT + (backward ? 2 * (size_t)p.Ls : 0);
   pl.smem = fl * sizeof(float);
   if (pl.smem > 200 * 1024) return pl;
   pl.nrec = p.B * kGroups * p.nseg;
   pl.ok = true;
   return pl;
 }
-FastPlan plan_fwd(const ScanDims& s, int64_t chunk) {
-  return plan_fast(s, chunk, kKF, kThreadsF, false, false);
+FastPlan plan_fwd(const ScanDims& s, int64_t chunk, bool norm = false) {
+  return plan_fast(s, chunk, kKF, kThreadsF, false, norm);
 }
 // 256-thread blocks where the chunk allows, else up to 512
 FastPlan plan_bwd(const ScanDims& s, int64_t chunk, bool norm = false) {

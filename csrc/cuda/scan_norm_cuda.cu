@@ -14,7 +14,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_norm_fwd_cuda(const at::Tens
                                                       const at::Tensor& nb_, double eps, int64_t chunk) {
   const ScanDims s = check_scan_norm_inputs(u_, z_, Wx_, Wdt_, bias_, Alog_, D_, nw_, nb_, eps);
   check_cuda_inputs(u_, s, chunk);
-  const FastPlan pl = plan_fwd(s, chunk);
+  const FastPlan pl = plan_fwd(s, chunk, true);
   if (!pl.ok || s.B == 0 || s.L == 0) return scan_norm_fwd_composite(u_, z_, Wx_, Wdt_, bias_, Alog_, D_, nw_, nb_,
                                                                      eps, chunk);
   c10::cuda::CUDAGuard guard(u_.device());
@@ -23,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_norm_fwd_cuda(const at::Tens
                    nb = nb_.contiguous();
   at::Tensor out = at::empty_like(u);
   at::Tensor states = at::empty({s.B, kGroups, num_chunks(s.L, chunk), s.d, s.N}, u.options().dtype(at::kFloat));
-  at::Tensor stats = at::empty({s.B, s.H, s.W, kGroups, 2}, u.options().dtype(at::kFloat));
+  at::Tensor stats = at::empty({s.B, kGroups, s.L, 2}, u.options().dtype(at::kFloat));
   const ParamPtrs prm = param_ptrs(Wx, Wdt, bias, Alog, D);
   dispatch_type(u.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -21,7 +21,7 @@ template <typename T>
 int fwd(const ScanDims& s, int64_t chunk, const T* u, T* y, float* states, ParamPtrs prm,
         const GateNorm<T>* gn = nullptr) {
   const int64_t nch = num_chunks(s.L, chunk);
-  const FastPlan pl = plan_fwd(s, chunk);
+  const FastPlan pl = plan_fwd(s, chunk, gn != nullptr);
   if (pl.ok) {
     std::vector<int64_t> ws(look_back_words((int64_t)pl.nrec * s.d), -1);
     const LookBack lb = look_back_view(ws.data(), (int64_t)pl.nrec * s.d);

@@ -76,7 +76,7 @@ def register() -> None:
         B, H, W, C = u.shape
         n_chunks = (H * W + chunk - 1) // chunk
         states = u.new_empty((B, GROUPS, n_chunks, C // GROUPS, A_log.shape[-1]), dtype=A_log.dtype)
-        return torch.empty_like(u), states, u.new_empty((B, H, W, GROUPS, 2), dtype=A_log.dtype)
+        return torch.empty_like(u), states, u.new_empty((B, GROUPS, H * W, 2), dtype=A_log.dtype)
 
     @torch.library.register_fake("groupmamba::scan_norm_bwd")
     def _bwd_fake(grad_out, u, z, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, norm_weight, norm_bias, eps,
