@@ -111,7 +111,7 @@ def fast_parts(layer: GroupMambaLayer, H: int, W: int, w):
         return modulate_layernorm(ym, xn, s, layer.skip_scale, norm.weight, norm.bias, norm.eps,
                                   out_dtype=autocast_dtype(ym))
 
-    if layer.scan_with_out_norm:
+    if layer.scan_with_out_norm is True:  # the breakdown times training steps: "inference" does not join there
         mix = [("grouped_scan+out_norm*gate", lambda u, z: layer.scan_out_norm_gate(u, z, w), ["u", "z"], ["yg"])]
     else:
         mix = [("grouped_scan", lambda u: layer.grouped_scan(u, w), ["u"], ["y"]),

@@ -169,8 +169,9 @@ def main(argv=None) -> int:
                     help="keep every ConvFFN activation (ffn_recompute=False): memory/speed A/B of the default")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode (e.g. reduce-overhead: CUDA graphs, no per-kernel host launches)")
-    ap.add_argument("--scan-with-out-norm", action="store_true",
-                    help="GroupMambaLayer.scan_with_out_norm: the scan kernels apply each group's out_norm * SiLU(z)")
+    ap.add_argument("--scan-with-out-norm", choices=("off", "on", "inference"), default="inference",
+                    help="GroupMambaLayer.scan_with_out_norm (the scan kernels apply each group's out_norm * SiLU(z)): "
+                         "never, always, or where autograd records nothing (the default)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
     import groupmamba
     from groupmamba import _native
     from groupmamba.models.mixer import GroupMambaLayer
-    GroupMambaLayer.scan_with_out_norm = args.scan_with_out_norm
+    GroupMambaLayer.scan_with_out_norm = {"off": False, "on": True}.get(args.scan_with_out_norm, "inference")
 
     gpu = device_name(device)
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
@@ -204,7 +205,7 @@ def main(argv=None) -> int:
               f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}"
               f"{' | ffn_recompute off' if args.no_ffn_recompute else ''}"
               f"{' | whole-step CUDA graph' if args.cuda_graph else ''}"
-              f"{' | scan_with_out_norm' if args.scan_with_out_norm else ''}")
+              f" | scan_with_out_norm {args.scan_with_out_norm}")
     print(header, flush=True)
 
     rows = []

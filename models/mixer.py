@@ -10,7 +10,7 @@
     u          = SiLU(depthwise 3x3 conv over all 4d channels)
     y          = grouped_scan(u, ...)                          all four directions in one call
     y          = per-group LayerNorm(y) * SiLU(z)              stacked out_norm weights (with the scan in one
-                                                               op when scan_with_out_norm is set)
+                                                               op where scan_with_out_norm says so)
     y          = grouped out_proj(y)
     out        = proj(LayerNorm(y * skip_scale * xn * s))      modulate_layernorm (same LayerNorm as xn)
 
@@ -98,14 +98,16 @@ class GroupMambaLayer(nn.Module):
     on CUDA, bmm on CPU). On an H200 the bmm's weight gradient at d = 87 (C = 348) ran as an unaligned
     32x32-tile kernel, 0.66 ms per call; the dense GEMM with 4x the MACs is far cheaper there.
 
-    ``scan_with_out_norm`` (class default False; set it on an instance or the class) runs the scan and the
-    out_norm * SiLU(z) as one op, ops.grouped_scan_norm: on CUDA the scan kernels apply the norm and y never
-    reaches memory. Off until a device run shows the layer faster with it (benchmarks/bench_layer.py
-    --scan-with-out-norm); the norm then sees y before its rounding to bfloat16, a difference of about one
-    bfloat16 step.
+    ``scan_with_out_norm`` (class attribute; set it on an instance or the class) says when the scan and the
+    out_norm * SiLU(z) run as one op, ops.grouped_scan_norm (on CUDA the scan kernels apply the norm and y never
+    reaches memory): ``"inference"`` (default) on CUDA where autograd records nothing (no_grad, inference_mode, or
+    no input needing a gradient), ``True`` always, ``False`` never. Measured on an H200 (B=128, bf16,
+    BENCHMARKS.md, twentieth set): the joined forward is 1-12% faster than scan + norm, its backward 20-75%
+    slower, so training layers were 2-21% slower with it. The norm then sees y before its rounding to bfloat16,
+    a difference of about one bfloat16 step from the separate ops.
     """
 
-    scan_with_out_norm = False
+    scan_with_out_norm: bool | str = "inference"
 
     def __init__(self, dim: int, out_dim: int | None = None, d_state: int = 1, d_conv: int = 3,
                  expand: float = 1.0, reduction: int = 16, fused: bool = True, proj_impl: str = "auto"):
@@ -199,11 +201,25 @@ class GroupMambaLayer(nn.Module):
         w = self.group_weights(xn)
         x, z = self.grouped_in_proj(xn, w)
         u = self.conv_silu(x, w)
-        if self.scan_with_out_norm and z.dtype == u.dtype:
+        if self._join_scan_and_out_norm(u, z, w):
             y = self.scan_out_norm_gate(u, z, w)
         else:
             y = self.out_norm_gate(self.grouped_scan(u, w), z, w)
         return self.grouped_out_proj(y, w)
+
+    def _join_scan_and_out_norm(self, u: torch.Tensor, z: torch.Tensor, w: GroupWeights) -> bool:
+        """Whether _mix_fused runs ops.grouped_scan_norm (see scan_with_out_norm)."""
+        mode = self.scan_with_out_norm
+        if mode != "inference" and mode not in (True, False):
+            raise ValueError(f"GroupMambaLayer.scan_with_out_norm must be True, False or 'inference', got {mode!r}")
+        if not mode or z.dtype != u.dtype:
+            return False
+        if mode != "inference":
+            return True
+        if not u.is_cuda:  # on the CPU the joined op composes the same ops: nothing to gain
+            return False
+        inputs = (u, z, w.x_proj, w.dt_w, w.dt_b, w.A_log, w.D, w.norm_w, w.norm_b)
+        return not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs)
 
     def group_weights(self, x: torch.Tensor) -> GroupWeights:
         """The groups' parameters in the fused ops' layouts for input x: packed by one autograd node where
