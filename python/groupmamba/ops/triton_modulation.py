@@ -38,10 +38,13 @@ CONFIG = {"fwd_elems": None, "bwd_elems": None, "num_warps": None, "eager_librar
 
 
 def AUTO_ELEMS(block_c: int, backward: bool = False) -> int:
-    """Tile size by row width, from sweeps on an H200 (BENCHMARKS.md, bf16 B=128 fwd+bwd): 8192
-    beat 4096 and 2048 by 11-18% at C = 64, 128; 2048 beat 4096 by 23-33% at C = 348, 448. The backward
-    at C = 192 (GroupMamba-B stage 2, 256 padded columns): 618 us with 8192 against 872 with 2048."""
-    return 8192 if block_c <= (256 if backward else 128) else 2048
+    """Tile size (elements per program), from sweeps on an H200 (BENCHMARKS.md, bf16 B=128, the layer's
+    layernorm_pool + modulate_layernorm forward and backward): 2048, whose programs run on 2 warps
+    (tile_warps), at every GroupMamba width. Twentieth set, us, against the former choice (8192 elements on 8
+    warps for C <= 128, and for the backward at C = 192): C = 64 254 vs 318, 96 470 vs 710, 128 167 vs 233,
+    192 343 vs 509 (sweeps that kept 8 warps had favoured 8192 there); 2048 beat 4096 by 23-33% at C = 348,
+    448."""
+    return 2048
 
 
 def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
