@@ -10,7 +10,8 @@ Two uses per block, as the model runs them under bf16 autocast (B=128, 224x224):
 (plus the fp32 mean / rstd per row and group). Device time of CUDA-graph replays, median; "bwd" is the
 kernel plus the weight / bias partial sums, as the training step runs it; "kernel" the backward kernel
 alone (at triton_norm.bwd_elems' tile size) and "sums" the partial sums alone (triton_colsum.column_sum);
---elems also times the backward kernel at other tile sizes (elements per program). --add times norm2 with
+--elems also times the backward kernel at other tile sizes (elements per program); --sweep-warps times forward +
+backward at (elements, warps) per program pairs, both directions alike. --add times norm2 with
 the residual add before it (ops.add_layer_norm, forward + backward through autograd) against the separate
 add and norm2 it replaces, per stage. GB/s over the measured
 device-to-device copy bandwidth (read + write) of the same run. Input sets rotate so nothing runs from L2.
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--elems", default="", help="comma list of tile sizes for the backward kernel sweep")
     ap.add_argument("--add", action="store_true", help="also time the fused residual add + norm2")
+    ap.add_argument("--sweep-warps", action="store_true",
+                    help="also sweep elements x warps per program (forward and backward alike), fwd+bwd")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_norm: needs a CUDA device")
@@ -115,8 +118,53 @@ def main(argv=None) -> int:
                 del sets, parts
     if args.add:
         add_norm_table(lines, args)
+    if args.sweep_warps:
+        warps_table(lines, args)
     write_report(os.environ.get("OUT"), "bench_norm.md", "\n".join(lines) + "\n")
     return 0
+
+
+SWEEP = [(2048, 2), (2048, 4), (4096, 2), (4096, 4), (8192, 4), (8192, 8)]
+
+
+def warps_table(lines, args):
+    """Forward + backward (kernel and sums) us per (elements, warps) per program, both directions alike, against
+    the defaults; each configuration's forward output must equal the default's bitwise and its input
+    gradients within 1e-5 (only the partial sums' order changes), or the cell says so."""
+    emit(lines, "")
+    emit(lines, "Elements x warps per program (forward and backward alike), fwd+bwd us, CUDA-graph replays")
+    emit(lines, "")
+    emit(lines, "| model | stage | C | use | default |" + "".join(f" {e}/{w} |" for e, w in SWEEP))
+    emit(lines, "|---|---|---|---|---|" + "---|" * len(SWEEP))
+    for model in args.models.split(","):
+        for stage, (C, L) in enumerate(zip(MODELS[model], TOKENS), 1):
+            for use, cfg in cases(args.batch, C, L):
+                n_sets = max(1, min(8, SETS_BYTES // (cfg["M"] * C * 10)))
+                sets = [make_set(cfg) for _ in range(n_sets)]
+
+                def step(i):
+                    x, z, w, b, g, _ = sets[i]
+                    out, stats = tn._fwd_impl(x, z, w, b, 1e-5, torch.bfloat16, True, identity)
+                    return out, tn._bwd_impl(g, x, z, w, b, stats, identity)
+
+                def run(conf):
+                    tn.CONFIG.update(conf)
+                    try:
+                        t = graph_ms(lambda: [step(i) for i in range(n_sets)], args.iters) / n_sets
+                        return t, step(0)
+                    finally:
+                        tn.CONFIG.update(elems=None, bwd_elems=None, num_warps=None)
+
+                t0, (out0, grads0) = run({})
+                cells = []
+                for e, nw in SWEEP:
+                    t, (out, grads) = run(dict(elems=e, bwd_elems=e, num_warps=nw))
+                    same = torch.equal(out, out0) and all(
+                        a is None or ((a.float() - b.float()).norm() <= 1e-5 * b.float().norm()).item()
+                        for a, b in zip(grads[:2], grads0[:2]))
+                    cells.append(f"{t * 1e3:.1f}" if same else f"{t * 1e3:.1f} (differs)")
+                emit(lines, f"| {model} | {stage} | {C} | {use} | {t0 * 1e3:.1f} |" + "".join(f" {c} |" for c in cells))
+                del sets
 
 
 def add_norm_table(lines, args):

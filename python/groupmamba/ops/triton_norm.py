@@ -34,7 +34,9 @@ from .triton_act import sigmoid, silu
 from .triton_colsum import column_sum
 
 NAMESPACE = "groupmamba_triton"
-CONFIG = {"elems": None, "bwd_elems": None, "eager_library_ops": False}
+# elems / bwd_elems: elements per program (None: the defaults below); num_warps: None: _util.tile_warps (the
+# benchmark sweeps them: bench_norm.py --sweep-warps).
+CONFIG = {"elems": None, "bwd_elems": None, "num_warps": None, "eager_library_ops": False}
 
 
 def bwd_elems(M: int, G: int, d: int) -> int:
@@ -47,12 +49,12 @@ def bwd_elems(M: int, G: int, d: int) -> int:
 
 def tiles(M: int, G: int, d: int, elems: Optional[int] = None):
     """(BLOCK_M, BLOCK_D, programs, num_warps) for M rows of G slices of d channels; elems: elements per
-    program (default: the forward's); num_warps: _util.tile_warps."""
+    program (default: the forward's); num_warps: CONFIG["num_warps"] or _util.tile_warps."""
     block_d = max(2, triton.next_power_of_2(d))
     row = G * block_d
     elems = elems or (8192 if row <= 128 else 4096)
     block_m = max(1, min(triton.next_power_of_2(M), elems // row))
-    return block_m, block_d, triton.cdiv(M, block_m), tile_warps(block_m * row)
+    return block_m, block_d, triton.cdiv(M, block_m), CONFIG["num_warps"] or tile_warps(block_m * row)
 
 
 @triton.jit
