@@ -10,7 +10,7 @@ than the scan (projections, norms, modulation), so this speed-up is for the scan
 
 With --with-out-norm, also the scan with each group's gated out_norm in its kernels (scan_norm_fwd / _bwd)
 against the same work unfused in the same run: the scan ops plus group_layer_norm's Triton forward and backward
-(LayerNorm_g(y) * SiLU(z) written in u's dtype, as the model runs them).
+(LayerNorm_g(y) * SiLU(z) written in u's dtype, as the model runs them), both sides as CUDA-graph replays.
 
 Usage: python benchmarks/bench_scan.py [--models T,S,B] [--dtypes fp32,bf16,fp16] [--naive T] [--with-out-norm]
 Writes the markdown table to $OUT/bench_scan.md when OUT is set.
@@ -29,7 +29,7 @@ from groupmamba import _native
 from groupmamba.ops import group_layer_norm, grouped_scan_naive
 from groupmamba.ops.scan import default_chunk
 
-from benchutil import copy_bandwidth_gbs  # benchmarks/ is on sys.path when run as a script
+from benchutil import copy_bandwidth_gbs, graph_ms  # benchmarks/ is on sys.path when run as a script
 
 STAGES = {
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -75,7 +75,6 @@ def time_out_norm(sets, chunk, dtype):
     (divided by their number: the sets exceed L2, and the norm's autograd would be host-bound eagerly).
     Unfused: scan_fwd + group_layer_norm (Triton, with the gate), and its backward: the norm's backward then
     scan_bwd (timed as norm fwd+bwd + scan_bwd, minus the norm's forward)."""
-    from benchutil import graph_ms
     eps = 1e-5
     d = sets[0][0].shape[-1] // 4
     dev = sets[0][0].device
