@@ -256,10 +256,10 @@ def main(argv=None) -> int:
                         fwd2, fb2 = fwd_bwd_fns(fn, [x], params, ctx)
                         r["ab"] += [time_ms(fwd2, device, warmup, iters), time_ms(fb2, device, warmup, iters),
                                     graph_ms(fb2, iters, warmup) if args.graph and not cpu else None]
-                    with torch.no_grad(), ctx():
-                        joined = fn(x)
+                    with torch.no_grad(), ctx():  # the flag is False after the loop
+                        separate = fn(x)
                         layer.scan_with_out_norm = True
-                        r["ab_diff"] = (fn(x).float() - joined.float()).abs().max().item()
+                        r["ab_diff"] = (fn(x).float() - separate.float()).abs().max().item()
                         layer.scan_with_out_norm = False
                 if args.breakdown:
                     prow, err = breakdown(layer, x, hw, hw, ctx, device, warmup, iters, graph=args.graph and not cpu)

@@ -53,7 +53,7 @@ def compile_sm90(kernel, consts, scalars, act_pointers, act, num_warps, pointer_
 def test_kernel_compiles_for_sm90(name, L, C, act):
     kernel = getattr(tm, name)
     elems = tm.CONFIG["fwd_elems" if name.endswith("fwd") else "bwd_elems"]
-    block_l, block_c, _, num_warps = tm._tiles(L, C, elems, backward=name.endswith("bwd"))
+    block_l, block_c, _, num_warps = tm._tiles(L, C, elems)
     consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1], **PLAIN.get(name, {})}
     scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}
     compiled = compile_sm90(kernel, consts, scalars, POINTERS[name], act, num_warps)
@@ -75,7 +75,7 @@ MIXER_DTYPES = {
 @pytest.mark.parametrize("name", sorted(MIXER_DTYPES))
 def test_modulation_kernels_compile_with_the_mixers_dtypes(name, L, C):
     kernel = getattr(tm, name)
-    block_l, block_c, _, num_warps = tm._tiles(L, C, None, backward=name.endswith("bwd"))
+    block_l, block_c, _, num_warps = tm._tiles(L, C, None)
     consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1], **PLAIN.get(name, {})}
     if "COPY" in kernel.arg_names:
         consts["COPY"] = True
@@ -96,7 +96,7 @@ ADD_POOL_DTYPES = {
 @pytest.mark.parametrize("name", sorted(ADD_POOL_DTYPES))
 def test_add_layernorm_pool_kernels_compile_for_sm90(name, L, C):
     kernel = getattr(tm, name)
-    block_l, block_c, _, num_warps = tm._tiles(L, C, None, backward=name.endswith("bwd"))
+    block_l, block_c, _, num_warps = tm._tiles(L, C, None)
     consts = {"BLOCK_L": block_l, "BLOCK_C": block_c, "VEC": channel_split(C)[1],
               **{k: True for k in PLAIN[name]}}
     scalars = {**{k: "i32" for k in INTS}, "eps": "fp32", "inv_L": "fp32"}

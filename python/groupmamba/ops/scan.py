@@ -114,13 +114,16 @@ def grouped_scan(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk: int
 
 # ---- fake (meta) kernels and autograd for the native ops -------------------------------------
 
+def fake_states(u: torch.Tensor, A_log: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The forward ops' saved chunk states, (B, 4, ceil(L / chunk), d, N), for their fake kernels."""
+    B, H, W, C = u.shape
+    return u.new_empty((B, GROUPS, (H * W + chunk - 1) // chunk, C // GROUPS, A_log.shape[-1]), dtype=A_log.dtype)
+
+
 def _register() -> None:
     @torch.library.register_fake("groupmamba::scan_fwd")
     def _scan_fwd_fake(u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, chunk):
-        B, H, W, C = u.shape
-        n_chunks = (H * W + chunk - 1) // chunk
-        states = u.new_empty((B, GROUPS, n_chunks, C // GROUPS, A_log.shape[-1]), dtype=A_log.dtype)
-        return torch.empty_like(u), states
+        return torch.empty_like(u), fake_states(u, A_log, chunk)
 
     @torch.library.register_fake("groupmamba::scan_bwd")
     def _scan_bwd_fake(grad_y, u, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, states, chunk):

@@ -21,7 +21,7 @@ import torch
 
 from .norm import group_layer_norm_reference
 from .reference import GROUPS, grouped_scan_reference
-from .scan import _native_supports, check_scan_inputs, default_chunk
+from .scan import _native_supports, check_scan_inputs, default_chunk, fake_states
 
 
 def check_scan_norm_inputs(u, z, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, norm_weight, norm_bias,
@@ -73,10 +73,9 @@ def grouped_scan_norm(u, z, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, no
 def register() -> None:
     @torch.library.register_fake("groupmamba::scan_norm_fwd")
     def _fwd_fake(u, z, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, norm_weight, norm_bias, eps, chunk):
-        B, H, W, C = u.shape
-        n_chunks = (H * W + chunk - 1) // chunk
-        states = u.new_empty((B, GROUPS, n_chunks, C // GROUPS, A_log.shape[-1]), dtype=A_log.dtype)
-        return torch.empty_like(u), states, u.new_empty((B, GROUPS, H * W, 2), dtype=A_log.dtype)
+        B, H, W, _ = u.shape
+        stats = u.new_empty((B, GROUPS, H * W, 2), dtype=A_log.dtype)
+        return torch.empty_like(u), fake_states(u, A_log, chunk), stats
 
     @torch.library.register_fake("groupmamba::scan_norm_bwd")
     def _bwd_fake(grad_out, u, z, x_proj_weight, dt_proj_weight, dt_bias, A_log, D, norm_weight, norm_bias, eps,

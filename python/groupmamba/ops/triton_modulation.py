@@ -31,25 +31,22 @@ from .triton_colsum import column_sum, sum_middle
 
 NAMESPACE = "groupmamba_triton"
 
-# Elements (BLOCK_L * BLOCK_C) per program; None: AUTO_ELEMS. num_warps: None: _util.tile_warps. The
+# Elements (BLOCK_L * BLOCK_C) per program; None: DEFAULT_ELEMS. num_warps: None: _util.tile_warps. The
 # benchmark sweeps these (bench_modulation.py --sweep, --sweep-bwd, --sweep-warps).
 # eager_library_ops: use the torch.library ops outside torch.compile too (slower host path; for tests).
 CONFIG = {"fwd_elems": None, "bwd_elems": None, "num_warps": None, "eager_library_ops": False}
 
-
-def AUTO_ELEMS(block_c: int, backward: bool = False) -> int:
-    """Tile size (elements per program), from sweeps on an H200 (BENCHMARKS.md, bf16 B=128, the layer's
-    layernorm_pool + modulate_layernorm forward and backward): 2048, whose programs run on 2 warps
-    (tile_warps), at every GroupMamba width. Twentieth set, us, against the former choice (8192 elements on 8
-    warps for C <= 128, and for the backward at C = 192): C = 64 254 vs 318, 96 470 vs 710, 128 167 vs 233,
-    192 343 vs 509 (sweeps that kept 8 warps had favoured 8192 there); 2048 beat 4096 by 23-33% at C = 348,
-    448."""
-    return 2048
+# Tile size of both directions, from sweeps on an H200 (BENCHMARKS.md, bf16 B=128, the layer's layernorm_pool +
+# modulate_layernorm forward and backward): 2048 elements, whose programs run on 2 warps (tile_warps), at every
+# GroupMamba width. Twentieth set, us, against the former choice (8192 elements on 8 warps for C <= 128, and for
+# the backward at C = 192): C = 64 254 vs 318, 96 470 vs 710, 128 167 vs 233, 192 343 vs 509 (sweeps that kept
+# 8 warps had favoured 8192 there); 2048 beat 4096 by 23-33% at C = 348, 448.
+DEFAULT_ELEMS = 2048
 
 
-def _tiles(L: int, C: int, elems: int | None, backward: bool = False):
+def _tiles(L: int, C: int, elems: int | None):
     block_c = max(16, triton.next_power_of_2(C))
-    elems = elems or AUTO_ELEMS(block_c, backward)
+    elems = elems or DEFAULT_ELEMS
     block_l = max(1, min(triton.next_power_of_2(L), elems // block_c))
     n_tiles = triton.cdiv(L, block_l)
     return block_l, block_c, n_tiles, CONFIG["num_warps"] or tile_warps(block_l * block_c)
@@ -234,7 +231,7 @@ def _ln_pool_bwd_impl(grad_xn, grad_pooled, x, weight, stats, wrap, grad_copy=No
     other consumers, added to dx; res_dtype (the forward had a residual): (dx, dresidual, dweight / dbias)
     with dresidual = dx [* scale] in res_dtype; dx_dtype: dx's dtype (default x's)."""
     B, L, C = x.shape
-    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"])
     dx = torch.empty_like(x, dtype=dx_dtype or x.dtype)
     dres = dx if res_dtype is None else torch.empty_like(x, dtype=res_dtype)
     wpart = torch.empty((B * T, 2 * C), device=x.device, dtype=torch.float32)   # [dweight | dbias] partials
@@ -262,7 +259,7 @@ def _mod_ln_fwd_impl(y_all, xn, s, skip_scale, weight, bias, eps, out_dtype, wra
 
 def _mod_ln_bwd_impl(grad_out, y_all, xn, s, skip_scale, weight, stats, wrap):
     B, L, C = y_all.shape
-    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"], backward=True)
+    bl, bc, T, nw = _tiles(L, C, CONFIG["bwd_elems"])
     dy = torch.empty_like(y_all)
     dxn = torch.empty_like(xn)
     qp = torch.empty((B, T, C), device=y_all.device, dtype=torch.float32)
