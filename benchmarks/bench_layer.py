@@ -35,7 +35,7 @@ from groupmamba.models.mixer import GroupMambaLayer
 from groupmamba.ops import layernorm_pool, modulate_layernorm
 from groupmamba.ops._util import autocast_dtype
 
-from benchutil import copy_bandwidth_gbs, device_name, graph_ms, time_ms, write_report
+from benchutil import apply_op_configs, copy_bandwidth_gbs, device_name, graph_ms, time_ms, write_report
 
 STAGES = {  # (H=W, dim) per stage
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -198,8 +198,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-with-out-norm", choices=("off", "on", "ab"), default="off",
                     help="GroupMambaLayer.scan_with_out_norm for the fast path: off, on, or ab (both, same run: "
                          "the table is the off path, the A/B table after it)")
+    ap.add_argument("--config", action="append", metavar="MODULE.KEY=VALUE",
+                    help="set groupmamba.ops.MODULE.CONFIG[KEY] first (A/B runs), e.g. triton_linear.enabled=False")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
+    configs = apply_op_configs(args.config)
 
     device = torch.device(args.device)
     cpu = device.type == "cpu"
@@ -229,7 +232,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth_gbs(device)
     header = (f"device: {name} | torch {torch.__version__} | native ops: {_native.native_available()} | "
               f"B={batch} | warmup {warmup}, median of {iters} (baseline: {args.baseline_iters} it) | "
-              f"device-to-device copy {bw:.0f} GB/s")
+              f"device-to-device copy {bw:.0f} GB/s" + (f" | config {configs}" if configs else ""))
     print(header, flush=True)
 
     rows, parts = [], []

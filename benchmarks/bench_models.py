@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchutil import capture_graph, device_name, train_optimizer, write_report  # benchmarks/ is on sys.path
+from benchutil import apply_op_configs, capture_graph, device_name, train_optimizer, write_report  # benchmarks/ is on sys.path
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-with-out-norm", choices=("off", "on", "inference"), default="inference",
                     help="GroupMambaLayer.scan_with_out_norm (the scan kernels apply each group's out_norm * SiLU(z)): "
                          "never, always, or where autograd records nothing (the default)")
+    ap.add_argument("--config", action="append", metavar="MODULE.KEY=VALUE",
+                    help="set groupmamba.ops.MODULE.CONFIG[KEY] first (A/B runs), e.g. triton_linear.enabled=False")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
     from groupmamba import _native
     from groupmamba.models.mixer import GroupMambaLayer
     GroupMambaLayer.scan_with_out_norm = {"off": False, "on": True}.get(args.scan_with_out_norm, "inference")
+    configs = apply_op_configs(args.config)
 
     gpu = device_name(device)
     header = (f"device: {gpu} | torch {torch.__version__} | groupmamba {groupmamba.__version__} | "
@@ -205,7 +208,7 @@ def main(argv=None) -> int:
               f"{(' | compiled, mode ' + str(args.compile_mode)) if args.compile else ''}"
               f"{' | ffn_recompute off' if args.no_ffn_recompute else ''}"
               f"{' | whole-step CUDA graph' if args.cuda_graph else ''}"
-              f" | scan_with_out_norm {args.scan_with_out_norm}")
+              f" | scan_with_out_norm {args.scan_with_out_norm}" + (f" | config {configs}" if configs else ""))
     print(header, flush=True)
 
     rows = []

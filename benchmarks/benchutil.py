@@ -102,6 +102,21 @@ def capture_graph(body, before_each, warmup: int = 3):
     return graph.replay
 
 
+def apply_op_configs(settings) -> str:
+    """Applies "module.key=value" settings to groupmamba.ops.<module>.CONFIG (value parsed as a Python
+    literal: 0, 2048, None, False), for A/B runs of one switch; returns them as one string for headers."""
+    import ast
+    import importlib
+    for item in settings or ():
+        name, _, value = item.partition("=")
+        module, _, key = name.partition(".")
+        config = importlib.import_module(f"groupmamba.ops.{module}").CONFIG
+        if key not in config:
+            raise SystemExit(f"--config {item}: {module}.CONFIG has no key {key!r} (keys: {sorted(config)})")
+        config[key] = ast.literal_eval(value)
+    return " ".join(settings or ())
+
+
 def run_shapes_main(run, default: str) -> None:
     """The command line of the Nsight Compute driver scripts (ncu_scan.py, ncu_dwconv.py): the GPU's name,
     then run(name) for every shape named in sys.argv (default: one), then "done"."""

@@ -137,7 +137,54 @@ def _interpret_checks():
         res = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16, align), inp)
         compare(res, ref64(inp), 1e-2, 1e-2, f"interpreter column-sum Linear {M}x{K}x{N} align {align}")
         assert res["out"].dtype == torch.bfloat16 and res["dbias"].dtype == torch.float32
+    dual_linear_checks(torch.float16, "cpu")   # the interpreter's bf16 tl.dot is wrong (raw bits); fp16 is not
     print("interpreter checks passed")
+
+
+# triton_linear.dual_linear_backward: (M, K, N1, N2, block_m, programs): rows not a multiple of the tile,
+# one row, widths not powers of two or under 16 (padded), programs with uneven and empty row ranges, no rows
+DUAL_CASES = [(200, 64, 64, 64, 64, 3), (37, 24, 16, 40, 16, 2), (1, 16, 8, 16, 16, 4), (130, 64, 64, 48, 32, 264),
+              (0, 16, 16, 16, 16, 4)]
+
+
+def dual_linear_checks(dt, device, cases=DUAL_CASES, tol=1e-2):
+    """dual_linear_backward vs float64: gx, gw1, gw2 (relative Frobenius error <= tol; 16-bit operands and
+    outputs), dtypes and shapes; on CUDA outputs are poisoned first."""
+    from groupmamba.ops import triton_linear as TL
+    saved = dict(TL.CONFIG)
+    try:
+        for M, K, N1, N2, bm, progs in cases:
+            TL.CONFIG.update(block_m=bm, programs=progs, max_width=max(K, N1, N2))
+            gen = torch.Generator().manual_seed(torch.seed())
+            x, g1, g2 = (torch.randn(M, n, generator=gen, dtype=torch.float64).to(dt).to(device) for n in (K, N1, N2))
+            w1, w2 = ((torch.randn(n, K, generator=gen, dtype=torch.float64) / K ** 0.5).to(dt).to(device)
+                      for n in (N1, N2))
+            assert TL.supports(x, g1, g2, w1, w2)
+            if device == "cuda":
+                poison_cuda_cache()
+            out = TL.dual_linear_backward(x, g1, g2, w1, w2)
+            x, g1, g2, w1, w2 = (t.double().cpu() for t in (x, g1, g2, w1, w2))
+            ref = (g1 @ w1 + g2 @ w2, g1.t() @ x, g2.t() @ x)
+            for name, o, r in zip(("gx", "gw1", "gw2"), out, ref):
+                assert o.dtype == dt and o.shape == r.shape, (name, o.dtype, o.shape)
+                if r.numel() == 0:
+                    continue
+                # no rows: the weight gradients must be exact zeros
+                e = rel_err(o, r) if r.norm() > 0 else o.double().abs().max().item()
+                assert e <= tol, (M, K, N1, N2, name, e)
+    finally:
+        TL.CONFIG.clear()
+        TL.CONFIG.update(saved)
+
+
+def test_dual_linear_backward_rejects_wrong_shapes():
+    pytest.importorskip("triton")
+    from groupmamba.ops import triton_linear as TL
+    x, g = torch.zeros(4, 16, dtype=torch.float16), torch.zeros(4, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match="g2 \\(4, 8\\)"):
+        TL.dual_linear_backward(x, g, g[:, :8], torch.zeros(16, 16, dtype=torch.float16),
+                                torch.zeros(16, 16, dtype=torch.float16))
+    assert not TL.supports(x.float(), g, g, g, g) and not TL.supports(torch.zeros(4, 200, dtype=torch.float16), g, g, g, g)
 
 
 def test_triton_interpreter_cpu():
@@ -277,6 +324,47 @@ def test_checkpoint_recompute_skips_padded_gemm():
 
 if __name__ == "__main__" and "--interpret" in sys.argv:
     _interpret_checks()
+
+
+# the in_proj halves, packed (C, C): GroupMamba-T stage 1 at B=128 and B=8, stage 2, B stage 1 (C = 96);
+# odd widths; fewer rows than programs
+GPU_DUAL = [(401408, 64, 64, 64, 64, 264), (25088, 64, 64, 64, 64, 264), (100352, 128, 128, 128, 64, 264),
+            (3000, 96, 96, 96, 64, 264), (1000, 40, 24, 56, 64, 7), (5, 64, 64, 64, 64, 264)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_dual_linear_backward_vs_float64(dt):
+    dual_linear_checks(dt, "cuda", GPU_DUAL)
+
+
+@pytest.mark.gpu
+def test_gpu_dual_linear_routes_through_triton():
+    """_DualLinear's CUDA backward: the Triton pass (enabled) and cuBLAS (disabled) give the same gradients
+    within bf16 rounding, under autocast as the mixer runs it."""
+    from groupmamba.ops import fast_linear as FL
+    from groupmamba.ops import triton_linear as TL
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed())
+    x0 = torch.randn(8, 56, 56, 64, device="cuda", generator=gen).bfloat16()
+    w = [torch.randn(64, 64, device="cuda", generator=gen).div(8).bfloat16() for _ in range(2)]
+    gs = [torch.randn(8, 56, 56, 64, device="cuda", generator=gen).bfloat16() for _ in range(2)]
+    res = {}
+    calls = []
+    orig = TL.dual_linear_backward
+    TL.dual_linear_backward = lambda *a: calls.append(1) or orig(*a)
+    try:
+        for on in (True, False):
+            TL.CONFIG["enabled"] = on
+            leaves = [t.clone().requires_grad_() for t in (x0, *w)]
+            a, b = FL.dual_linear(*leaves)
+            torch.autograd.backward((a, b), gs)
+            res[on] = [t.grad for t in leaves]
+    finally:
+        TL.CONFIG["enabled"] = True
+        TL.dual_linear_backward = orig
+    assert len(calls) == 1
+    for t, c in zip(res[True], res[False]):
+        assert rel_err(t.double(), c.double()) <= 1e-2
 
 
 def test_dual_linear_function_gradients():

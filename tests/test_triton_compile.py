@@ -114,8 +114,8 @@ NORM_ACT = {"_gln_fwd": {"X", "Z", "OUT"}, "_gln_bwd": {"GO", "X", "Z", "DX", "D
 def test_norm_kernel_compiles_for_sm90(name, M, G, d, gate, act):
     from groupmamba.ops import triton_norm as tn
     kernel = getattr(tn, name)
-    elems = tn.bwd_elems(M, G, d) if name == "_gln_bwd" else None   # the launchers' tiles
-    block_m, block_d, _, num_warps = tn.tiles(M, G, d, elems)
+    tiles = tn.bwd_tiles if name == "_gln_bwd" else tn.fwd_tiles   # the launchers' tiles
+    block_m, block_d, _, num_warps = tiles(M, G, d)
     consts = dict(G=G, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=gate, SAVE_STATS=True, HAS_RES=False,
                   HAS_SCALE=False)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
@@ -133,8 +133,8 @@ def test_add_norm_kernels_compile_for_sm90(name, M, d, scale):
     residual stream and sum, a bf16 residual branch, its bf16 gradient and the bf16 LayerNorm output."""
     from groupmamba.ops import triton_norm as tn
     kernel = getattr(tn, name)
-    elems = tn.bwd_elems(M, 1, d) if name == "_gln_bwd" else None
-    block_m, block_d, _, num_warps = tn.tiles(M, 1, d, elems)
+    tiles = tn.bwd_tiles if name == "_gln_bwd" else tn.fwd_tiles
+    block_m, block_d, _, num_warps = tiles(M, 1, d)
     consts = dict(G=1, D=d, BLOCK_M=block_m, BLOCK_D=block_d, HAS_GATE=False, SAVE_STATS=True, HAS_RES=True,
                   HAS_SCALE=scale)
     consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
@@ -244,3 +244,18 @@ def test_batchnorm_kernel_compiles_for_sm90(name, backward, act):
     compiled = compile_sm90(kernel, consts, scalars, {"X", "G", "SHIFT", "OUT"}, act, tb.CONFIG["num_warps"])
     assert len(compiled.asm["cubin"]) > 0
     assert ".target sm_90" in compiled.asm["ptx"]
+
+
+@pytest.mark.parametrize("act", ["*bf16", "*fp16"])
+@pytest.mark.parametrize("C", [64, 96, 128])
+def test_dual_linear_backward_compiles_for_sm90(C, act):
+    """triton_linear's kernel at the launcher's tiles, warps and stages for the in_proj widths it serves:
+    compiles for sm_90 and fits an H100 / H200 block's shared memory (227 KiB)."""
+    from groupmamba.ops import triton_linear as tl_
+    kernel = tl_._dual_linear_bwd
+    consts = dict(K=C, N1=C, N2=C, BK=tl_._block(C), BN1=tl_._block(C), BN2=tl_._block(C),
+                  BLOCK_M=tl_.CONFIG["block_m"], NUM_STAGES=tl_.CONFIG["num_stages"])
+    compiled = compile_sm90(kernel, consts, {"M": "i32", "TILES": "i32"}, {"X", "G1", "G2", "W1", "W2", "GX"}, act,
+                            tl_.warps(C, C, C))
+    assert len(compiled.asm["cubin"]) > 0
+    assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared

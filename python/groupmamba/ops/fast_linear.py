@@ -40,10 +40,11 @@ import torch.nn.functional as F
 from .. import _native
 from ._util import ThreadFlag, autocast_dtype
 
-try:  # Triton is optional: without it, captured Linears keep torch's bias-gradient reduction
-    from .triton_colsum import column_sum
+try:  # Triton is optional: without it, captured Linears keep torch's bias-gradient reduction and dual
+    from .triton_colsum import column_sum  # Linears their cuBLAS backward
+    from . import triton_linear
 except Exception:  # noqa: BLE001
-    column_sum = None
+    column_sum = triton_linear = None
 
 ALIGN = 8   # elements: 16 bytes of bf16 / fp16
 _PADDED_DTYPES = (torch.bfloat16, torch.float16)
@@ -187,9 +188,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class _DualLinear(torch.autograd.Function):
-    """(x @ w1^T, x @ w2^T) for one x (the mixer's in_proj halves). The backward accumulates x's gradient in
-    the second dgrad GEMM (addmm_, beta = 1) instead of two products and autograd's add of them, one pass
-    over the (tokens, C) gradient instead of three."""
+    """(x @ w1^T, x @ w2^T) for one x (the mixer's in_proj halves). The backward, on CUDA for 16-bit widths up
+    to triton_linear's limit: one Triton pass for all three gradients (triton_linear); else cuBLAS, x's
+    gradient accumulated in the second dgrad GEMM (addmm_, beta = 1) instead of two products and autograd's
+    add of them."""
 
     @staticmethod
     def forward(ctx, x, w1, w2):
@@ -202,6 +204,10 @@ class _DualLinear(torch.autograd.Function):
         x, w1, w2 = ctx.saved_tensors
         g1, g2 = (g.reshape(-1, g.shape[-1]) for g in (g1, g2))
         need_x, need_w1, need_w2 = ctx.needs_input_grad
+        if (need_x and need_w1 and need_w2 and x.is_cuda and triton_linear is not None
+                and triton_linear.supports(x, g1, g2, w1, w2)):
+            gx, gw1, gw2 = triton_linear.dual_linear_backward(x.reshape(-1, x.shape[-1]), g1, g2, w1, w2)
+            return gx.view(x.shape), gw1, gw2
         gx = (g1 @ w1).addmm_(g2, w2).view(x.shape) if need_x else None
         x2 = x.reshape(-1, x.shape[-1])
         return gx, g1.t() @ x2 if need_w1 else None, g2.t() @ x2 if need_w2 else None

@@ -11,12 +11,14 @@ one row per thread block and took 0.6-2.4 ms per call at T stage 1 (B=128) on an
 The backward recomputes xhat from the saved statistics; weight/bias partials (fp32, one (2, G, d) row per
 program) are reduced by triton_colsum.column_sum (eagerly; torch sums in the torch.library op):
 deterministic, no atomics. All arithmetic is fp32.
-Tiles (H200, benchmarks/bench_norm.py, B=128 at every GroupMamba-T and -B shape): the backward runs best
-with smaller tiles than the forward: 1024 elements per program for the gated group norm (2048 for rows of
-512 padded channels over >= 16384 rows), 8192 for a plain LayerNorm of <= 256 padded channels and 2048
-for wider ones. The forward's 4096-8192 had taken up to 2.6x longer (B stage 1, gate: 320 vs 125 us).
-The partials are reduced in one column_sum call (10-27 us) instead of two torch sums (16-29 us together,
-with the forward's fewer programs).
+Tiles (H200, benchmarks/bench_norm.py --sweep-warps, B=128 at every GroupMamba-T and -B shape, each direction
+swept on its own, twenty-first set): the forward takes 1024 elements per program on one warp; it had taken
+4096-8192 on 8 warps, 0-50% slower (T stage 3 gate 51.0 vs 25.3 us, T1 gate 56.5 vs 46.9). The backward of
+the gated group norm: 1024 elements per program (2048 for rows of 512 padded channels over >= 16384 rows) on
+2 warps; of a plain LayerNorm (G = 1): 2048 elements on one warp, which took about half the time of the
+earlier 8192-element, 8-warp tiles at B stages 1-2 (115.8 vs 217.7 us, 67.5 vs 167.8) and 0-17% less
+elsewhere. The partials are reduced in one column_sum call (10-27 us) instead of two torch sums (16-29 us
+together, with the forward's fewer programs).
 Under torch.compile the ops are torch.library triton_ops (traceable); eagerly, an autograd.Function
 launches the same kernels with less host overhead.
 """
@@ -34,9 +36,10 @@ from .triton_act import sigmoid, silu
 from .triton_colsum import column_sum
 
 NAMESPACE = "groupmamba_triton"
-# elems / bwd_elems: elements per program (None: the defaults below); num_warps: None: _util.tile_warps (the
-# benchmark sweeps them: bench_norm.py --sweep-warps).
-CONFIG = {"elems": None, "bwd_elems": None, "num_warps": None, "eager_library_ops": False}
+# elems / bwd_elems: elements per program of the forward / backward (None: fwd_tiles' / bwd_tiles' rules);
+# num_warps / bwd_num_warps: warps per program of the forward / backward (None: the same rules). The benchmark
+# sweeps each direction on its own: bench_norm.py --sweep-warps.
+CONFIG = {"elems": None, "bwd_elems": None, "num_warps": None, "bwd_num_warps": None, "eager_library_ops": False}
 
 
 def bwd_elems(M: int, G: int, d: int) -> int:
@@ -44,17 +47,29 @@ def bwd_elems(M: int, G: int, d: int) -> int:
     row = G * max(2, triton.next_power_of_2(d))
     if G > 1:
         return 2048 if row >= 512 and M >= 16384 else 1024
-    return 8192 if row <= 256 else 2048
+    return 2048
 
 
-def tiles(M: int, G: int, d: int, elems: Optional[int] = None):
-    """(BLOCK_M, BLOCK_D, programs, num_warps) for M rows of G slices of d channels; elems: elements per
-    program (default: the forward's); num_warps: CONFIG["num_warps"] or _util.tile_warps."""
+def tiles(M: int, G: int, d: int, elems: int, num_warps: Optional[int] = None, one_warp_upto: int = 0):
+    """(BLOCK_M, BLOCK_D, programs, num_warps) for M rows of G slices of d channels at about `elems` elements
+    per program; num_warps None: one warp for tiles of <= one_warp_upto elements, else _util.tile_warps."""
     block_d = max(2, triton.next_power_of_2(d))
     row = G * block_d
-    elems = elems or (8192 if row <= 128 else 4096)
     block_m = max(1, min(triton.next_power_of_2(M), elems // row))
-    return block_m, block_d, triton.cdiv(M, block_m), CONFIG["num_warps"] or tile_warps(block_m * row)
+    tile = block_m * row
+    return block_m, block_d, triton.cdiv(M, block_m), num_warps or (1 if tile <= one_warp_upto else tile_warps(tile))
+
+
+def fwd_tiles(M: int, G: int, d: int):
+    """The forward's tiles: 1024 elements on one warp (module docstring), or CONFIG's."""
+    return tiles(M, G, d, CONFIG["elems"] or 1024, CONFIG["num_warps"], one_warp_upto=1024)
+
+
+def bwd_tiles(M: int, G: int, d: int, elems: Optional[int] = None):
+    """The backward's tiles: elems (default CONFIG's or bwd_elems) per program; one warp for a plain
+    LayerNorm's tiles of <= 2048 elements, else _util.tile_warps (module docstring), or CONFIG's warps."""
+    return tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d), CONFIG["bwd_num_warps"],
+                 one_warp_upto=2048 if G == 1 else 0)
 
 
 @triton.jit
@@ -150,7 +165,7 @@ def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap, res=None):
     placeholders: every argument is passed, since torch.compile's Triton wrapper does not take defaults)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
-    bm, bd, P, nw = tiles(M, G, d, CONFIG["elems"])
+    bm, bd, P, nw = fwd_tiles(M, G, d)
     out = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     stats = torch.empty((2, M * G if save_stats else 1), device=x.device, dtype=torch.float32)
     if M > 0:
@@ -163,11 +178,11 @@ def _fwd_impl(x, z, weight, bias, eps, out_dtype, save_stats, wrap, res=None):
 
 def _bwd_kernel(grad_out, x, z, weight, bias, stats, wrap, elems=None, res=None):
     """The backward kernel alone: (dx, dz or None, the (programs, 2 * G * d) weight / bias partials); elems:
-    elements per program (default CONFIG["bwd_elems"] or bwd_elems); res: the residual arguments of _gln_bwd
-    (GSUM, DRES, SCALE, RPS, HAS_RES, HAS_SCALE) or None (placeholders)."""
+    elements per program (default: bwd_tiles'); res: the residual arguments of _gln_bwd (GSUM, DRES, SCALE,
+    RPS, HAS_RES, HAS_SCALE) or None (placeholders)."""
     G, d = weight.shape
     M = x.numel() // (G * d)
-    bm, bd, P, nw = tiles(M, G, d, elems or CONFIG["bwd_elems"] or bwd_elems(M, G, d))
+    bm, bd, P, nw = bwd_tiles(M, G, d, elems)
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else dx
     part = torch.empty((P, 2 * G * d), device=x.device, dtype=torch.float32)
