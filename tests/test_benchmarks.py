@@ -11,8 +11,8 @@ import pytest
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
-def run_script(name, *args, tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path))
+def run_script(name, *args, tmp_path, env=None):
+    env = dict(os.environ, OUT=str(tmp_path), **(env or {}))
     r = subprocess.run([sys.executable, os.path.join(BENCH, name), *args], capture_output=True, text=True,
                        timeout=300, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, f"{name} {args}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
@@ -35,3 +35,14 @@ def test_bench_layer_cpu(tmp_path):
     diffs = [float(v) for v in re.findall(r"chain vs layer max \|diff\| ([0-9.e+-]+)\)", out)]
     assert len(diffs) == 4 and max(diffs) < 1e-5, diffs
     assert (tmp_path / "bench_layer.md").exists()
+
+
+def test_bench_dual_linear_cpu_interpreter(tmp_path):
+    """bench_dual_linear.py's code path (both tables, the float64 checks) on CPU through the Triton
+    interpreter, one image at T stage 1 in fp16: the GPU run is not the first place it breaks."""
+    pytest.importorskip("triton")
+    out = run_script("bench_dual_linear.py", "--device", "cpu", "--dtype", "fp16", "--batch", "1", "--shapes", "T1",
+                     "--single", "--iters", "1", tmp_path=tmp_path, env={"TRITON_INTERPRET": "1"})
+    rows = [line for line in out.splitlines() if line.startswith("| T1 | 64 |")]
+    assert len(rows) == 2 and not any("err" in r or "failed" in r for r in rows), out
+    assert (tmp_path / "bench_dual_linear.md").exists()

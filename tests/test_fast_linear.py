@@ -137,7 +137,7 @@ def _interpret_checks():
         res = run(lambda x, w, b: L.linear_padded(x, w, b, torch.bfloat16, align), inp)
         compare(res, ref64(inp), 1e-2, 1e-2, f"interpreter column-sum Linear {M}x{K}x{N} align {align}")
         assert res["out"].dtype == torch.bfloat16 and res["dbias"].dtype == torch.float32
-    dual_linear_checks(torch.float16, "cpu")   # the interpreter's bf16 tl.dot is wrong (raw bits); fp16 is not
+    one_pass_checks(torch.float16, "cpu")   # the interpreter's bf16 tl.dot is wrong (raw bits); fp16 is not
     print("interpreter checks passed")
 
 
@@ -147,9 +147,11 @@ DUAL_CASES = [(200, 64, 64, 64, 64, 3), (37, 24, 16, 40, 16, 2), (1, 16, 8, 16, 
               (0, 16, 16, 16, 16, 4)]
 
 
-def dual_linear_checks(dt, device, cases=DUAL_CASES, tol=1e-2):
-    """dual_linear_backward vs float64: gx, gw1, gw2 (relative Frobenius error <= tol; 16-bit operands and
-    outputs), dtypes and shapes; on CUDA outputs are poisoned first."""
+def one_pass_checks(dt, device, cases=DUAL_CASES, tol=1e-2):
+    """triton_linear's one-pass backwards vs float64 (relative Frobenius error <= tol; 16-bit operands):
+    dual_linear_backward's gx, gw1, gw2 in the operands' dtype; linear_backward (g1, w1 only) with the bias
+    gradient, gx and gw in float32 (the dtypes it is asked for), the bias gradient in float32. Dtypes and
+    shapes too; on CUDA outputs are poisoned first."""
     from groupmamba.ops import triton_linear as TL
     saved = dict(TL.CONFIG)
     try:
@@ -162,14 +164,20 @@ def dual_linear_checks(dt, device, cases=DUAL_CASES, tol=1e-2):
             assert TL.supports(x, g1, g2, w1, w2)
             if device == "cuda":
                 poison_cuda_cache()
-            out = TL.dual_linear_backward(x, g1, g2, w1, w2)
+            dual = TL.dual_linear_backward(x, g1, g2, w1, w2)
+            if device == "cuda":
+                poison_cuda_cache()
+            single = TL.linear_backward(x, g1, w1, True, torch.float32, torch.float32)
             x, g1, g2, w1, w2 = (t.double().cpu() for t in (x, g1, g2, w1, w2))
-            ref = (g1 @ w1 + g2 @ w2, g1.t() @ x, g2.t() @ x)
-            for name, o, r in zip(("gx", "gw1", "gw2"), out, ref):
-                assert o.dtype == dt and o.shape == r.shape, (name, o.dtype, o.shape)
+            checks = [(f"dual {n}", o, r, dt) for n, o, r in
+                      zip(("gx", "gw1", "gw2"), dual, (g1 @ w1 + g2 @ w2, g1.t() @ x, g2.t() @ x))]
+            checks += [(f"single {n}", o, r, torch.float32) for n, o, r in
+                       zip(("gx", "gw", "gb"), single, (g1 @ w1, g1.t() @ x, g1.sum(0)))]
+            for name, o, r, want in checks:
+                assert o.dtype == want and o.shape == r.shape, (name, o.dtype, o.shape)
                 if r.numel() == 0:
                     continue
-                # no rows: the weight gradients must be exact zeros
+                # no rows: the weight and bias gradients must be exact zeros
                 e = rel_err(o, r) if r.norm() > 0 else o.double().abs().max().item()
                 assert e <= tol, (M, K, N1, N2, name, e)
     finally:
@@ -184,7 +192,10 @@ def test_dual_linear_backward_rejects_wrong_shapes():
     with pytest.raises(ValueError, match="g2 \\(4, 8\\)"):
         TL.dual_linear_backward(x, g, g[:, :8], torch.zeros(16, 16, dtype=torch.float16),
                                 torch.zeros(16, 16, dtype=torch.float16))
-    assert not TL.supports(x.float(), g, g, g, g) and not TL.supports(torch.zeros(4, 200, dtype=torch.float16), g, g, g, g)
+    with pytest.raises(ValueError, match="linear_backward: shapes x \\(4, 16\\), g1 \\(4, 8\\)"):
+        TL.linear_backward(x, g[:, :8], torch.zeros(16, 16, dtype=torch.float16), True, x.dtype, x.dtype)
+    assert not TL.supports(x.float(), g, g, g, g)
+    assert not TL.supports(torch.zeros(4, 200, dtype=torch.float16), g, g, g, g)
 
 
 def test_triton_interpreter_cpu():
@@ -334,37 +345,59 @@ GPU_DUAL = [(401408, 64, 64, 64, 64, 264), (25088, 64, 64, 64, 64, 264), (100352
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=str)
-def test_gpu_dual_linear_backward_vs_float64(dt):
-    dual_linear_checks(dt, "cuda", GPU_DUAL)
+def test_gpu_one_pass_linear_backward_vs_float64(dt):
+    one_pass_checks(dt, "cuda", GPU_DUAL)
+
+
+def on_off_grads(key, fn_name, run):
+    """run() (its leaves' gradients) with triton_linear.CONFIG[key] on, then off: the same gradients within
+    bf16 rounding and dtypes, and triton_linear.<fn_name> called on the first run only."""
+    from groupmamba.ops import triton_linear as TL
+    calls, orig, saved, res = [], getattr(TL, fn_name), TL.CONFIG[key], {}
+    setattr(TL, fn_name, lambda *a: calls.append(1) or orig(*a))
+    try:
+        for on in (True, False):
+            TL.CONFIG[key] = on
+            res[on] = run()
+    finally:
+        TL.CONFIG[key] = saved
+        setattr(TL, fn_name, orig)
+    assert len(calls) == 1
+    for t, c in zip(res[True], res[False]):
+        assert t.dtype == c.dtype and rel_err(t.double(), c.double()) <= 1e-2
 
 
 @pytest.mark.gpu
 def test_gpu_dual_linear_routes_through_triton():
-    """_DualLinear's CUDA backward: the Triton pass (enabled) and cuBLAS (disabled) give the same gradients
-    within bf16 rounding, under autocast as the mixer runs it."""
-    from groupmamba.ops import fast_linear as FL
-    from groupmamba.ops import triton_linear as TL
+    """_DualLinear's CUDA backward: the Triton pass (enabled) and cuBLAS (disabled) give the same gradients."""
     gen = torch.Generator(device="cuda").manual_seed(torch.seed())
     x0 = torch.randn(8, 56, 56, 64, device="cuda", generator=gen).bfloat16()
     w = [torch.randn(64, 64, device="cuda", generator=gen).div(8).bfloat16() for _ in range(2)]
     gs = [torch.randn(8, 56, 56, 64, device="cuda", generator=gen).bfloat16() for _ in range(2)]
-    res = {}
-    calls = []
-    orig = TL.dual_linear_backward
-    TL.dual_linear_backward = lambda *a: calls.append(1) or orig(*a)
-    try:
-        for on in (True, False):
-            TL.CONFIG["enabled"] = on
-            leaves = [t.clone().requires_grad_() for t in (x0, *w)]
-            a, b = FL.dual_linear(*leaves)
-            torch.autograd.backward((a, b), gs)
-            res[on] = [t.grad for t in leaves]
-    finally:
-        TL.CONFIG["enabled"] = True
-        TL.dual_linear_backward = orig
-    assert len(calls) == 1
-    for t, c in zip(res[True], res[False]):
-        assert rel_err(t.double(), c.double()) <= 1e-2
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x0, *w)]
+        torch.autograd.backward(L.dual_linear(*leaves), gs)
+        return [t.grad for t in leaves]
+    on_off_grads("enabled", "dual_linear_backward", run)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bias", [False, True])
+def test_gpu_single_linear_one_pass_matches_cublas(bias):
+    """_PaddedLinear at align 1 (a captured aligned Linear) with triton_linear's CONFIG "single" on and off:
+    same gradients, the weight and bias gradients float32 as the parameters."""
+    gen = torch.Generator(device="cuda").manual_seed(torch.seed())
+    x0 = torch.randn(8, 3136, 64, device="cuda", generator=gen).bfloat16()
+    w0 = torch.randn(64, 64, device="cuda", generator=gen).div(8)
+    b0 = torch.randn(64, device="cuda", generator=gen) if bias else None
+    g = torch.randn(8, 3136, 64, device="cuda", generator=gen).bfloat16()
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x0, w0, b0) if t is not None]
+        L.linear_padded(*leaves, *([] if bias else [None]), torch.bfloat16, 1).backward(g)
+        return [t.grad for t in leaves]
+    on_off_grads("single", "linear_backward", run)
 
 
 def test_dual_linear_function_gradients():

@@ -247,15 +247,17 @@ def test_batchnorm_kernel_compiles_for_sm90(name, backward, act):
 
 
 @pytest.mark.parametrize("act", ["*bf16", "*fp16"])
+@pytest.mark.parametrize("two,bias", [(True, False), (False, True), (False, False)])
 @pytest.mark.parametrize("C", [64, 96, 128])
-def test_dual_linear_backward_compiles_for_sm90(C, act):
-    """triton_linear's kernel at the launcher's tiles, warps and stages for the in_proj widths it serves:
-    compiles for sm_90 and fits an H100 / H200 block's shared memory (227 KiB)."""
+def test_one_pass_linear_backward_compiles_for_sm90(C, two, bias, act):
+    """triton_linear's kernel at the launcher's tiles, warps and stages for the widths it serves (the dual
+    in_proj; a single Linear with and without bias): compiles for sm_90 and fits an H100 / H200 block's
+    shared memory (227 KiB)."""
     from groupmamba.ops import triton_linear as tl_
-    kernel = tl_._dual_linear_bwd
-    consts = dict(K=C, N1=C, N2=C, BK=tl_._block(C), BN1=tl_._block(C), BN2=tl_._block(C),
-                  BLOCK_M=tl_.CONFIG["block_m"], NUM_STAGES=tl_.CONFIG["num_stages"])
-    compiled = compile_sm90(kernel, consts, {"M": "i32", "TILES": "i32"}, {"X", "G1", "G2", "W1", "W2", "GX"}, act,
-                            tl_.warps(C, C, C))
+    N2 = C if two else 0
+    consts = dict(K=C, N1=C, N2=N2, BK=tl_._block(C), BN1=tl_._block(C), BN2=tl_._block(N2),
+                  BLOCK_M=tl_.CONFIG["block_m"], NUM_STAGES=tl_.CONFIG["num_stages"], TWO=two, BIAS=bias)
+    compiled = compile_sm90(tl_._linear_bwd, consts, {"M": "i32", "TILES": "i32"},
+                            {"X", "G1", "G2", "W1", "W2", "GX"}, act, tl_.warps(C, C, N2))
     assert len(compiled.asm["cubin"]) > 0
     assert compiled.metadata.shared <= 227 * 1024, compiled.metadata.shared

@@ -15,7 +15,9 @@ unpadded rows directly (no copies at all) was tried and was slower than cuBLAS o
 
 Also under capture only: a Linear whose bias needs a gradient runs as the same Function (nothing to pad
 when the widths are aligned), whose backward sums that gradient with triton_colsum.column_sum instead of
-torch's reduction (``CONFIG["column_sum_bias"]``).
+torch's reduction (``CONFIG["column_sum_bias"]``); and with ``triton_linear.CONFIG["single"]`` (off by
+default until measured) a 16-bit Linear of widths <= 128 whose weight needs a gradient, its backward then one
+Triton pass (gx, the weight gradient and the bias gradient from one read of x and the incoming gradient).
 
 Why only under graph capture: the padding is several more torch ops per call, ~100 us of host time, and an
 eager GroupMamba step is already bound by host time (on the H200, a T training step takes ~85 ms on the
@@ -127,6 +129,9 @@ class _PaddedLinear(torch.autograd.Function):
         g2 = g.reshape(-1, g.shape[-1])
         N = g2.shape[1]
         gp = _pad_2d(g2, g2.shape[0], Np, wp.dtype)
+        if need_x and need_w and (Np, Kp) == (N, K) and _one_pass_backward(xp, wp, wp.dtype):
+            gx, gw, gb = triton_linear.linear_backward(xp, gp, wp, need_b and b_dtype is not None, x_dtype, w_dtype)
+            return gx.view(x_shape), gw, None if gb is None else gb.to(b_dtype), None, None
         gx = (gp @ wp)[:, :K].view(x_shape).to(x_dtype) if need_x else None
         gw = _wgrad(gp, xp, w_dtype)[:N, :K] if need_w else None
         gb = _column_sum(gp)[:N].to(b_dtype) if need_b and b_dtype is not None else None
@@ -169,12 +174,20 @@ def padded_dtype(x: torch.Tensor, weight: torch.Tensor):
 CONFIG = {"column_sum_bias": True}
 
 
+def _one_pass_backward(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether _PaddedLinear's backward runs as triton_linear's one pass (its CONFIG "single"; CUDA, a
+    16-bit dtype, narrow widths)."""
+    return (triton_linear is not None and triton_linear.CONFIG["single"] and x.is_cuda
+            and triton_linear.serves(dtype, weight.shape[1], weight.shape[0]))
+
+
 def _captured_linear(x, weight, bias):
     pad_dt = padded_dtype(x, weight)
     dt = pad_dt or autocast_dtype(x) or x.dtype
-    if pad_dt is not None or (CONFIG["column_sum_bias"] and column_sum is not None and bias is not None
-                              and bias.requires_grad and torch.is_grad_enabled() and weight.dim() == 2
-                              and dt in _PADDED_DTYPES):
+    trains = torch.is_grad_enabled() and weight.dim() == 2 and dt in _PADDED_DTYPES
+    if pad_dt is not None or (trains and (
+            (CONFIG["column_sum_bias"] and column_sum is not None and bias is not None and bias.requires_grad)
+            or (weight.requires_grad and _one_pass_backward(x, weight, dt)))):
         return linear_padded(x, weight, bias, dt, ALIGN if pad_dt else 1)
     return F.linear(x, weight, bias)
 
