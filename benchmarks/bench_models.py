@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchutil import apply_op_configs, capture_graph, device_name, train_optimizer, write_report  # benchmarks/ is on sys.path
+# benchmarks/ is on sys.path
+from benchutil import apply_op_configs, capture_graph, device_name, train_optimizer, write_report
 
 BASELINES = ("ref-ops", "official-style")
 

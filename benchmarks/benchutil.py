@@ -113,7 +113,10 @@ def apply_op_configs(settings) -> str:
         config = importlib.import_module(f"groupmamba.ops.{module}").CONFIG
         if key not in config:
             raise SystemExit(f"--config {item}: {module}.CONFIG has no key {key!r} (keys: {sorted(config)})")
-        config[key] = ast.literal_eval(value)
+        try:
+            config[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--config {item}: {value!r} is not a Python literal (True, 2048, None)") from None
     return " ".join(settings or ())
 
 
