@@ -12,7 +12,7 @@ and g2^T @ x in registers; the per-program fp32 partials are then summed in a fi
 
 Widths up to CONFIG["max_width"] only (padded to powers of two >= 16 for tl.dot): each program holds both
 weight gradients, (N1 + N2) x K fp32, in registers; 4 warps up to 64 padded columns, 8 above (at 128, 4 warps
-ran out of registers or ran slower than cuBLAS).
+ran out of shared memory or ran slower than cuBLAS).
 
 H200, bf16, B=128 (benchmarks/bench_dual_linear.py --sweep, twenty-first set; cuBLAS in the same run):
 GroupMamba-T stage 1 (C = 64) 64.2 us against 152.0 (75% of the copy bandwidth for its 8 bytes per element);
