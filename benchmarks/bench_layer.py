@@ -35,7 +35,8 @@ from groupmamba.models.mixer import GroupMambaLayer
 from groupmamba.ops import layernorm_pool, modulate_layernorm
 from groupmamba.ops._util import autocast_dtype
 
-from benchutil import apply_op_configs, copy_bandwidth_gbs, device_name, graph_ms, time_ms, write_report
+from benchutil import (add_op_config_argument, apply_op_configs, copy_bandwidth_gbs, device_name, graph_ms, time_ms,
+                       write_report)
 
 STAGES = {  # (H=W, dim) per stage
     "T": [(56, 64), (28, 128), (14, 348), (7, 448)],
@@ -198,8 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-with-out-norm", choices=("off", "on", "ab"), default="off",
                     help="GroupMambaLayer.scan_with_out_norm for the fast path: off, on, or ab (both, same run: "
                          "the table is the off path, the A/B table after it)")
-    ap.add_argument("--config", action="append", metavar="MODULE.KEY=VALUE",
-                    help="set groupmamba.ops.MODULE.CONFIG[KEY] first (A/B runs), e.g. triton_linear.enabled=False")
+    add_op_config_argument(ap)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     configs = apply_op_configs(args.config)

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 # benchmarks/ is on sys.path
-from benchutil import apply_op_configs, capture_graph, device_name, train_optimizer, write_report
+from benchutil import (add_op_config_argument, apply_op_configs, capture_graph, device_name, train_optimizer,
+                       write_report)
 
 BASELINES = ("ref-ops", "official-style")
 
@@ -173,8 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scan-with-out-norm", choices=("off", "on", "inference"), default="inference",
                     help="GroupMambaLayer.scan_with_out_norm (the scan kernels apply each group's out_norm * SiLU(z)): "
                          "never, always, or where autograd records nothing (the default)")
-    ap.add_argument("--config", action="append", metavar="MODULE.KEY=VALUE",
-                    help="set groupmamba.ops.MODULE.CONFIG[KEY] first (A/B runs), e.g. triton_linear.enabled=False")
+    add_op_config_argument(ap)
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
 

@@ -102,6 +102,12 @@ def capture_graph(body, before_each, warmup: int = 3):
     return graph.replay
 
 
+def add_op_config_argument(ap) -> None:
+    """The --config option that apply_op_configs reads (repeatable)."""
+    ap.add_argument("--config", action="append", metavar="MODULE.KEY=VALUE",
+                    help="set groupmamba.ops.MODULE.CONFIG[KEY] first (A/B runs), e.g. triton_linear.enabled=False")
+
+
 def apply_op_configs(settings) -> str:
     """Applies "module.key=value" settings to groupmamba.ops.<module>.CONFIG (value parsed as a Python
     literal: 0, 2048, None, False), for A/B runs of one switch; returns them as one string for headers."""
